@@ -1,0 +1,80 @@
+"""Checkpoint and model files: atomic save, safe load, format version.
+
+A file is one dict of tensors and plain Python values, so it loads with
+``torch.load(weights_only=True)`` and no code stored in it can run. Model files
+(``kind == "model"``) hold what prediction needs; training checkpoints
+(``kind == "training"``) add the optimizer, scheduler, history and random states
+that resuming needs.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_NAME = "captcha-ocr"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message says which file and why."""
+
+
+def save_atomic(payload: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``payload`` to a temporary file beside ``path``, then rename it over ``path``.
+
+    A crash or kill at any moment leaves either the previous file or the new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **payload}
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint or model file with ``weights_only=True`` and check its format.
+
+    Raises :class:`CheckpointError` for missing files, files holding arbitrary
+    pickled objects (refused without running them), other programs' files and
+    unsupported format versions.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"{path}: refused to load: the file holds objects other than tensors and plain values "
+            f"({first_line}). It may be tampered with or come from another program; nothing in it was run"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
+        raise CheckpointError(
+            f"{path}: not a captcha-ocr checkpoint (no '{FORMAT_NAME}' format marker); "
+            "use a .pth file written by 'captcha-ocr train'"
+        )
+    version = payload.get("format_version")
+    if version != FORMAT_VERSION:
+        newer_or_older = "newer" if isinstance(version, int) and version > FORMAT_VERSION else "older"
+        raise CheckpointError(
+            f"{path}: checkpoint format version {version} is {newer_or_older} than this "
+            f"captcha-ocr's version {FORMAT_VERSION}; use the captcha-ocr release that wrote it"
+        )
+    return payload

@@ -1,0 +1,213 @@
+"""TrainConfig: the typed, validated training configuration.
+
+Values come from the defaults below, then a TOML or YAML file, then command-line
+flags, in that order. :meth:`TrainConfig.validate` reports every problem at once.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from captcha_ocr.data.images import DEFAULT_MAX_PIXELS
+from captcha_ocr.data.sources import DEFAULT_LABEL_PATTERN
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message lists every problem found."""
+
+
+def parse_duration(text: str | float | int | None) -> float | None:
+    """Parse '90', '90s', '30m', '1.5h' or '1h30m' into seconds; None stays None."""
+    if text is None or text == "":
+        return None
+    if isinstance(text, (int, float)):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhd]?)", text.strip().lower())
+    if not parts or "".join(n + u for n, u in parts) != re.sub(r"\s+", "", text.strip().lower()):
+        raise ConfigError(f"invalid duration {text!r}: use seconds or a unit, such as 90s, 30m or 1h30m")
+    return sum(float(number) * DURATION_UNITS[unit or "s"] for number, unit in parts)
+
+
+def _option(default: Any, help: str, **extra: Any) -> Any:
+    metadata = {"help": help, **extra}
+    if isinstance(default, (list, tuple, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training session; logged in full and saved with the run."""
+
+    data: list[str] = _option([], "image folders or CSV/TSV manifests to train on; none: a generated set", cli=False)
+    val: list[str] = _option([], "separate validation folders or manifests (default: split off --val-split)")
+    val_split: float = _option(0.1, "fraction of the training data held out for validation when --val is not given")
+    seed: int = _option(42, "random seed for the split, initialisation, shuffling and augmentation")
+    label_pattern: str = _option(
+        DEFAULT_LABEL_PATTERN,
+        "regular expression applied to the file stem; its first group (or whole match) is the label",
+    )
+    ignore_case: bool = _option(False, "fold labels and predictions to lower case")
+    charset: str | None = _option(
+        None, "allowed characters (named sets such as digits, lower, alnum, joined with +); "
+        "labels using others are skipped. Default: every character of the training labels",
+    )
+    path_column: str | None = _option(None, "manifest column holding image paths (default: detected)")
+    label_column: str | None = _option(None, "manifest column holding labels (default: detected)")
+    height: int = _option(48, "image height in pixels after resizing (a multiple of 16)")
+    width: int = _option(160, "image width in pixels after resizing; the model emits width/4 steps")
+    epochs: int = _option(60, "maximum number of epochs")
+    batch_size: int = _option(32, "images per optimizer step on each process")
+    lr: float = _option(1e-3, "peak learning rate of Adam")
+    weight_decay: float = _option(1e-5, "Adam weight decay")
+    warmup_steps: int = _option(300, "optimizer steps of linear learning-rate warm-up from lr/10")
+    lr_factor: float = _option(0.5, "ReduceLROnPlateau: factor applied to the learning rate")
+    lr_patience: int = _option(3, "ReduceLROnPlateau: epochs without validation-loss improvement before reducing")
+    min_lr: float = _option(1e-5, "ReduceLROnPlateau: lowest learning rate")
+    grad_clip: float = _option(5.0, "maximum gradient norm; 0 disables clipping")
+    augment: str = _option("auto", "augmentation: on, off, or auto (on for sets under 20000 images)",
+                           choices=("auto", "on", "off"))
+    early_stop_patience: int = _option(0, "stop after this many epochs without a better validation accuracy; 0: off")
+    max_time: str | None = _option(None, "time budget for training, such as 30m or 2h; the run stops after the epoch that passes it")
+    device: str = _option("auto", "auto, cpu, cuda or cuda:N")
+    precision: str = _option("fp32", "fp32, or bf16/fp16 mixed precision on CUDA", choices=("fp32", "bf16", "fp16"))
+    threads: int = _option(0, "CPU threads for PyTorch; 0: one per core (per process under torchrun)")
+    output_dir: str = _option("outputs", "folder for logs/, runs/, models/ and the generated-data cache")
+    channels: list[int] = _option([32, 64, 96, 96, 128], "output channels of the five convolution layers")
+    rnn_hidden: int = _option(128, "hidden units per direction of the GRU")
+    rnn_layers: int = _option(2, "number of bidirectional GRU layers")
+    dropout: float = _option(0.2, "dropout before and between the GRU layers")
+    max_pixels: int = _option(DEFAULT_MAX_PIXELS, "images with more pixels are refused before decoding")
+    too_long_labels: str = _option(
+        "error", "labels the model cannot emit at this width: error (stop before training) or skip",
+        choices=("error", "skip"),
+    )
+    sample_count: int = _option(6, "fixed validation samples whose predictions are logged each epoch")
+    synthetic_count: int = _option(8000, "images in the generated set used when no data is given")
+    synthetic_length: str = _option("4", "label length of the generated set, such as 4 or 4-6")
+    synthetic_charset: str = _option("digits", "charset of the generated set")
+    tensorboard: bool = _option(False, "also write TensorBoard scalars to the run folder")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> dict[str, Any]:
+        """Read settings from a TOML or YAML file; returns only the keys it sets."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: configuration file not found")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python < 3.11
+                import tomli as tomllib
+            try:
+                values = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as error:
+                raise ConfigError(f"{path}: invalid TOML: {error}") from None
+        elif path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            try:
+                values = yaml.safe_load(text) or {}
+            except yaml.YAMLError as error:
+                raise ConfigError(f"{path}: invalid YAML: {error}") from None
+        else:
+            raise ConfigError(f"{path}: configuration file must end in .toml, .yaml or .yml")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a table of settings at the top level")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unknown settings {unknown}; see 'captcha-ocr train --help'")
+        return values
+
+    @classmethod
+    def build(cls, *layers: dict[str, Any]) -> TrainConfig:
+        """Merge layers of settings (later wins), convert types, validate."""
+        merged: dict[str, Any] = {}
+        for layer in layers:
+            merged.update({k: v for k, v in layer.items() if v is not None or k in ("charset", "max_time")})
+        config = cls(**merged)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        problems = []
+        for spec in fields(self):
+            choices = spec.metadata.get("choices")
+            value = getattr(self, spec.name)
+            if choices and value not in choices:
+                problems.append(f"{spec.name}={value!r} is not one of {list(choices)}")
+        positive = ("height", "width", "epochs", "batch_size", "sample_count", "synthetic_count", "rnn_hidden", "rnn_layers", "max_pixels")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 <= self.val_split < 1.0:
+            problems.append(f"val_split must be in [0, 1), got {self.val_split}")
+        if not self.val and self.val_split == 0.0:
+            problems.append("no validation data: give --val DATA or a --val-split above 0")
+        if isinstance(self.height, int) and self.height % 16:
+            problems.append(f"height must be a multiple of 16, got {self.height}")
+        if self.lr <= 0:
+            problems.append(f"lr must be positive, got {self.lr}")
+        if not 0.0 < self.lr_factor < 1.0:
+            problems.append(f"lr_factor must be in (0, 1), got {self.lr_factor}")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("warmup_steps", "lr_patience", "early_stop_patience", "threads"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.grad_clip < 0:
+            problems.append(f"grad_clip must not be negative, got {self.grad_clip}")
+        if len(self.channels) != 5 or any(c <= 0 for c in self.channels):
+            problems.append(f"channels needs 5 positive values, got {self.channels}")
+        try:
+            parse_duration(self.max_time)
+        except ConfigError as error:
+            problems.append(str(error))
+        try:
+            parse_length_range(self.synthetic_length)
+        except ValueError as error:
+            problems.append(str(error))
+        try:
+            re.compile(self.label_pattern)
+        except re.error as error:
+            problems.append(f"label_pattern {self.label_pattern!r} is not a valid regular expression: {error}")
+        if problems:
+            raise ConfigError("invalid training configuration: " + "; ".join(problems))
+
+    @property
+    def max_time_seconds(self) -> float | None:
+        return parse_duration(self.max_time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def field_defaults(cls) -> dict[str, Any]:
+        defaults = {}
+        for spec in fields(cls):
+            if spec.default is not MISSING:
+                defaults[spec.name] = spec.default
+            else:
+                defaults[spec.name] = spec.default_factory()
+        return defaults
+
+
+def parse_length_range(text: str | int) -> tuple[int, int]:
+    """Parse a label length '4' or range '4-6' into (minimum, maximum)."""
+    text = str(text).strip()
+    match = re.fullmatch(r"(\d+)(?:-(\d+))?", text)
+    if not match:
+        raise ValueError(f"invalid length {text!r}: use a number such as 4 or a range such as 4-6")
+    low = int(match.group(1))
+    high = int(match.group(2) or low)
+    if low < 1 or high < low:
+        raise ValueError(f"invalid length {text!r}: need 1 <= minimum <= maximum")
+    return low, high

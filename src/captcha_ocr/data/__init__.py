@@ -1,0 +1,1 @@
+"""Data: label sources, the one image preprocessing path, datasets and synthetic images."""

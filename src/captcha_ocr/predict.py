@@ -1,0 +1,145 @@
+"""Recognizer: reads CAPTCHA images with a trained checkpoint or an exported ONNX file.
+
+``Recognizer.load("model.pth").predict("image.png")`` returns the text and its
+confidence. An ``.onnx`` file needs only onnxruntime, NumPy and Pillow; PyTorch
+is imported only for ``.pth`` files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from captcha_ocr.charset import Codec
+from captcha_ocr.data.images import Preprocessing, load_image, to_model_input
+
+ImageInput = str | os.PathLike | bytes | Image.Image
+
+
+@dataclass(frozen=True)
+class Prediction:
+    text: str
+    confidence: float
+
+
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    shifted = logits - logits.max(axis=axis, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=axis, keepdims=True)
+
+
+class _TorchBackend:
+    def __init__(self, payload: dict[str, Any], device: str | None) -> None:
+        import torch
+
+        from captcha_ocr.model import CRNN, ModelConfig
+
+        self.torch = torch
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = CRNN(ModelConfig.from_dict(payload["model_config"]))
+        self.model.load_state_dict(payload["model_state"])
+        self.model.to(self.device).eval()
+
+    def logits(self, inputs: np.ndarray) -> np.ndarray:
+        with self.torch.inference_mode():
+            batch = self.torch.from_numpy(inputs).to(self.device)
+            return self.model(batch).float().cpu().numpy()
+
+
+class _OnnxBackend:
+    def __init__(self, path: Path) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        self.session = onnxruntime.InferenceSession(
+            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        self.input_name = self.session.get_inputs()[0].name
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def logits(self, inputs: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: inputs})[0]
+
+
+class Recognizer:
+    """A trained model ready to read images."""
+
+    def __init__(self, backend: Any, codec: Codec, preprocessing: Preprocessing, metadata: dict[str, Any]):
+        self.backend = backend
+        self.codec = codec
+        self.preprocessing = preprocessing
+        self.metadata = metadata
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | None = None) -> Recognizer:
+        """Load a ``.pth`` model or checkpoint file, or an exported ``.onnx`` file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: model file not found")
+        if path.suffix.lower() == ".onnx":
+            return cls._load_onnx(path)
+        from captcha_ocr.checkpoint import load_checkpoint
+
+        payload = load_checkpoint(path)
+        backend = _TorchBackend(payload, device)
+        metadata = {
+            "format": "pytorch",
+            "path": str(path),
+            "alphabet": payload["alphabet"],
+            "session_id": payload.get("session_id"),
+            "epoch": payload.get("epoch"),
+            "metrics": payload.get("metrics", {}),
+            "model_config": payload["model_config"],
+            "preprocessing": payload["preprocessing"],
+            "ignore_case": payload.get("ignore_case", False),
+        }
+        return cls(backend, Codec(payload["alphabet"]), Preprocessing.from_dict(payload["preprocessing"]), metadata)
+
+    @classmethod
+    def _load_onnx(cls, path: Path) -> Recognizer:
+        backend = _OnnxBackend(path)
+        raw = backend.metadata
+        missing = [key for key in ("alphabet", "preprocessing") if key not in raw]
+        if missing:
+            raise ValueError(
+                f"{path}: ONNX file lacks the metadata {missing}; export it with 'captcha-ocr export'"
+            )
+        metadata: dict[str, Any] = {"format": "onnx", "path": str(path)}
+        for key, value in raw.items():
+            try:
+                metadata[key] = json.loads(value)
+            except json.JSONDecodeError:
+                metadata[key] = value
+        alphabet = metadata["alphabet"]
+        return cls(backend, Codec(alphabet), Preprocessing.from_dict(metadata["preprocessing"]), metadata)
+
+    def pixels(self, image: ImageInput) -> np.ndarray:
+        """Decode one image into the uint8 (H, W) pixels the model reads."""
+        return load_image(image, self.preprocessing)
+
+    def predict_pixels(self, pixels: np.ndarray) -> list[Prediction]:
+        """Read a batch of already decoded uint8 pixels of shape (N, H, W)."""
+        inputs = to_model_input(pixels, self.preprocessing)
+        probs = softmax(self.backend.logits(inputs), axis=2)  # (T, N, C)
+        return [Prediction(text, confidence) for text, confidence in self.codec.decode_greedy(probs)]
+
+    def predict(self, image: ImageInput) -> Prediction:
+        """Read one image given as a path, bytes or a PIL image."""
+        return self.predict_pixels(self.pixels(image)[None])[0]
+
+    def predict_batch(self, images: Sequence[ImageInput] | Iterable[ImageInput], batch_size: int = 64) -> list[Prediction]:
+        """Read many images, ``batch_size`` at a time."""
+        images = list(images)
+        results: list[Prediction] = []
+        for start in range(0, len(images), batch_size):
+            chunk = np.stack([self.pixels(image) for image in images[start : start + batch_size]])
+            results.extend(self.predict_pixels(chunk))
+        return results

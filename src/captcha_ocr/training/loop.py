@@ -1,0 +1,391 @@
+"""The training loop: epochs, validation, learning-rate schedule, stopping rules, NaN guard.
+
+The loop runs the same way in one process and under torchrun. Every rank
+trains on its shard of each epoch; validation covers each validation image
+exactly once across ranks, and rank 0 alone writes checkpoints and log lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from captcha_ocr.charset import Codec
+from captcha_ocr.checkpoint import save_atomic
+from captcha_ocr.config import TrainConfig
+from captcha_ocr.data.dataset import DecodedSet, augment, make_batch
+from captcha_ocr.data.images import Preprocessing
+from captcha_ocr.metrics import character_errors
+from captcha_ocr.record import report
+from captcha_ocr.training.distributed import DistributedContext, all_ranks_true, all_reduce_sum, broadcast_object
+from captcha_ocr.training.signals import deferred_signals
+
+logger = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_NONFINITE = 10
+VALIDATION_BATCH = 256
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and where the last good checkpoint is."""
+
+
+@dataclass
+class TrainState:
+    """Progress that a checkpoint carries from one session to the next."""
+
+    epoch: int = 0
+    global_step: int = 0
+    best_accuracy: float = -1.0
+    best_val_loss: float = math.inf
+    best_epoch: int = 0
+    stale_epochs: int = 0
+    elapsed: float = 0.0
+    scheduled_lr: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def precision_dtype(precision: str) -> torch.dtype | None:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+class Trainer:
+    """Owns the model, optimizer and scheduler of one training session."""
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        codec: Codec,
+        preprocessing: Preprocessing,
+        config: TrainConfig,
+        train_set: DecodedSet,
+        val_set: DecodedSet,
+        device: torch.device,
+        context: DistributedContext,
+        checkpoint_dir: Path | None,
+        model_info: dict[str, Any],
+        augment_enabled: bool,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.model = model.to(device)
+        self.codec = codec
+        self.preprocessing = preprocessing
+        self.config = config
+        self.train_set = train_set
+        self.val_set = val_set
+        self.device = device
+        self.context = context
+        self.checkpoint_dir = checkpoint_dir
+        self.model_info = model_info
+        self.augment_enabled = augment_enabled
+        self.on_epoch = on_epoch
+        self.amp_dtype = precision_dtype(config.precision)
+
+        if context.enabled:
+            device_ids = [device.index] if device.type == "cuda" else None
+            self.network: nn.Module = DistributedDataParallel(self.model, device_ids=device_ids)
+        else:
+            self.network = self.model
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience, min_lr=config.min_lr
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16" and device.type == "cuda")
+        self.sampler = DistributedSampler(
+            range(len(train_set)), num_replicas=context.world_size, rank=context.rank, shuffle=True, seed=config.seed
+        )
+        self.state = TrainState(scheduled_lr=config.lr)
+        self.val_indices = np.arange(context.rank, len(val_set), context.world_size)
+        self.sample_indices = np.arange(min(config.sample_count, len(val_set)))
+        self.background = (1.0 - preprocessing.mean) / preprocessing.std
+        self.stop_reason = ""
+        self.last_checkpoint: Path | None = None
+
+    # ------------------------------------------------------------------ state
+    def checkpoint_payload(self) -> dict[str, Any]:
+        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            **self.model_info,
+            "kind": "training",
+            "model_state": self.model.state_dict(),
+            "epoch": self.state.epoch,
+            "metrics": self.state.history[-1] if self.state.history else {},
+            "train_config": self.config.to_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "scheduler_state": self.scheduler.state_dict(),
+            "scaler_state": self.scaler.state_dict(),
+            "train_state": asdict(self.state),
+            "rng": rng,
+        }
+
+    def load_payload(self, payload: dict[str, Any]) -> None:
+        """Restore model, optimizer, scheduler, progress and random states from a checkpoint."""
+        self.model.load_state_dict(payload["model_state"])
+        self.optimizer.load_state_dict(payload["optimizer_state"])
+        self.scheduler.load_state_dict(payload["scheduler_state"])
+        if payload.get("scaler_state") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(payload["scaler_state"])
+        self.state = TrainState(**payload["train_state"])
+        rng = payload.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"].cpu())
+        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([state.cpu() for state in rng["cuda"]])
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _apply_warmup(self) -> None:
+        """Ramp the learning rate linearly from lr/10 to the scheduled value over the warm-up steps."""
+        steps = self.config.warmup_steps
+        if steps and self.state.global_step < steps:
+            ramp = 0.1 + 0.9 * self.state.global_step / steps
+            self._set_lr(self.state.scheduled_lr * ramp)
+        elif steps and self.state.global_step == steps:
+            self._set_lr(self.state.scheduled_lr)
+
+    # ------------------------------------------------------------------ epochs
+    def fit(self) -> str:
+        """Train until a stopping rule fires; returns the reason."""
+        config = self.config
+        budget = config.max_time_seconds
+        while True:
+            reason = self._stop_reason_before_epoch(budget)
+            reason = broadcast_object(reason, self.context)
+            if reason:
+                self.stop_reason = reason
+                return reason
+            self._run_epoch(self.state.epoch + 1)
+            reason = broadcast_object(self._stop_reason_after_epoch(budget), self.context)
+            if reason:
+                self.stop_reason = reason
+                return reason
+
+    def _stop_reason_before_epoch(self, budget: float | None) -> str:
+        if self.state.epoch >= self.config.epochs:
+            return f"reached the maximum of {self.config.epochs} epochs"
+        if budget is not None and self.state.history:
+            last = self.state.history[-1]["epoch_time"]
+            if self.state.elapsed + last > budget:
+                return (
+                    f"time budget {self.config.max_time} reached: {self.state.elapsed:.0f}s spent, "
+                    f"another epoch (about {last:.0f}s) would exceed it"
+                )
+        return ""
+
+    def _stop_reason_after_epoch(self, budget: float | None) -> str:
+        patience = self.config.early_stop_patience
+        if patience and self.state.stale_epochs >= patience:
+            return f"early stopping: validation accuracy did not improve for {patience} epochs"
+        if budget is not None and self.state.elapsed >= budget:
+            return f"time budget {self.config.max_time} reached after {self.state.elapsed:.0f}s"
+        return ""
+
+    def _run_epoch(self, epoch: int) -> None:
+        config = self.config
+        # Seeding per epoch makes a resumed run draw the same shuffles and augmentations.
+        torch.manual_seed(config.seed * 100_003 + epoch * 1_009 + self.context.rank)
+        started = time.monotonic()
+        train_loss, images = self._train_epoch(epoch)
+        validation = self._validate()
+        epoch_time = time.monotonic() - started
+        self.state.elapsed += epoch_time
+        self.state.epoch = epoch
+
+        lr_before = self.current_lr()
+        if self.state.global_step >= config.warmup_steps:
+            self.scheduler.step(validation["val_loss"])
+        lr_after = self.current_lr()
+        self.state.scheduled_lr = lr_after if self.state.global_step >= config.warmup_steps else self.state.scheduled_lr
+
+        row = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            **validation,
+            "lr": lr_before,
+            "epoch_time": epoch_time,
+            "images_per_second": images / epoch_time if epoch_time > 0 else 0.0,
+            "elapsed": self.state.elapsed,
+        }
+        self.state.history.append(row)
+        improved = self._update_best(row)
+        samples = self._sample_predictions() if self.context.is_main else []
+
+        saved = self._save_checkpoints(improved) if self.context.is_main else []
+        if self.context.is_main:
+            report.log_sample_predictions(logger, epoch, config.epochs, samples)
+            logger.info(report.epoch_line(epoch, config.epochs, row))
+            if lr_after < lr_before - 1e-12:
+                report.log_lr_reduced(logger, lr_before, lr_after)
+            for what, path in saved:
+                report.log_saved(logger, what, str(path))
+            if self.on_epoch is not None:
+                self.on_epoch({**row, "samples": [{"label": a, "prediction": p} for a, p in samples]})
+
+    def _update_best(self, row: dict[str, Any]) -> bool:
+        """Track the best epoch (accuracy first, then loss) and epochs without a better accuracy."""
+        state = self.state
+        previous_accuracy = state.best_accuracy
+        better = row["val_accuracy"] > state.best_accuracy or (
+            row["val_accuracy"] == state.best_accuracy and row["val_loss"] < state.best_val_loss
+        )
+        if better:
+            state.best_accuracy = row["val_accuracy"]
+            state.best_val_loss = row["val_loss"]
+            state.best_epoch = row["epoch"]
+        state.stale_epochs = 0 if row["val_accuracy"] > previous_accuracy else state.stale_epochs + 1
+        return better
+
+    def _save_checkpoints(self, improved: bool) -> list[tuple[str, Path]]:
+        if self.checkpoint_dir is None:
+            return []
+        payload = self.checkpoint_payload()
+        saved = []
+        with deferred_signals():
+            last = save_atomic(payload, self.checkpoint_dir / "last.pt")
+            self.last_checkpoint = last
+            saved.append(("Last checkpoint", last))
+            if improved:
+                best = save_atomic(payload, self.checkpoint_dir / "best.pt")
+                saved.append((f"Best checkpoint (epoch {self.state.epoch})", best))
+        return saved
+
+    def _train_epoch(self, epoch: int) -> tuple[float, int]:
+        config = self.config
+        self.network.train()
+        self.sampler.set_epoch(epoch)
+        order = np.fromiter(iter(self.sampler), dtype=np.int64)
+        batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+        augment_generator = torch.Generator().manual_seed(config.seed * 7_919 + epoch * 131 + self.context.rank)
+        show_bar = self.context.is_main and sys.stderr.isatty()
+        bar = tqdm(batches, desc=f"Epoch {epoch}/{config.epochs}", unit="batch", leave=False, disable=not show_bar)
+
+        loss_sum, seen, nonfinite = 0.0, 0, 0
+        for batch_number, indices in enumerate(bar, start=1):
+            batch = make_batch(self.train_set, indices, self.codec, self.preprocessing)
+            images = batch.images.to(self.device, non_blocking=True)
+            if self.augment_enabled:
+                images = augment(images, augment_generator, self.background)
+            self._apply_warmup()
+
+            loss = self._loss(images, batch)
+            if not all_ranks_true(bool(torch.isfinite(loss).item()), self.context, self.device):
+                nonfinite = self._report_nonfinite("loss", epoch, batch_number, nonfinite)
+                continue
+
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            if not self.scaler.is_enabled() and not torch.isfinite(norm):
+                self.optimizer.zero_grad(set_to_none=True)
+                nonfinite = self._report_nonfinite("gradient", epoch, batch_number, nonfinite)
+                continue
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+
+            nonfinite = 0
+            self.state.global_step += 1
+            loss_sum += loss.item() * len(indices)
+            seen += len(indices)
+            if show_bar:
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{self.current_lr():.1e}")
+
+        total_loss, total_seen = all_reduce_sum([loss_sum, float(seen)], self.context, self.device)
+        return (total_loss / total_seen if total_seen else math.nan), int(total_seen)
+
+    def _loss(self, images: torch.Tensor, batch: Any) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            logits = self.network(images)  # (T, N, C)
+        log_probs = logits.float().log_softmax(2)
+        steps, count = log_probs.shape[:2]
+        input_lengths = torch.full((count,), steps, dtype=torch.long)
+        return F.ctc_loss(
+            log_probs, batch.targets.to(self.device), input_lengths, batch.target_lengths,
+            blank=0, reduction="mean", zero_infinity=False,
+        )
+
+    def _report_nonfinite(self, what: str, epoch: int, batch_number: int, count: int) -> int:
+        count += 1
+        logger.warning("Non-finite %s at epoch %d, batch %d: step skipped (%d in a row)", what, epoch, batch_number, count)
+        if count >= MAX_CONSECUTIVE_NONFINITE:
+            where = self.last_checkpoint or "none saved yet"
+            raise TrainingError(
+                f"training stopped: {count} non-finite steps in a row at epoch {epoch}; "
+                f"last good checkpoint: {where}. Try a lower --lr or check the data"
+            )
+        return count
+
+    # -------------------------------------------------------------- validation
+    def _predict_texts(self, indices: np.ndarray) -> tuple[list[str], torch.Tensor]:
+        """Decode images by index; returns texts and each sample's length-normalised CTC loss."""
+        batch = make_batch(self.val_set, indices, self.codec, self.preprocessing)
+        images = batch.images.to(self.device)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            logits = self.model(images)
+        log_probs = logits.float().log_softmax(2)
+        steps, count = log_probs.shape[:2]
+        losses = F.ctc_loss(
+            log_probs, batch.targets.to(self.device), torch.full((count,), steps, dtype=torch.long),
+            batch.target_lengths, blank=0, reduction="none", zero_infinity=False,
+        )
+        losses = losses.cpu() / batch.target_lengths.clamp(min=1)
+        best_paths = log_probs.argmax(2).cpu().numpy()  # (T, N)
+        texts = [self.codec.decode_indices(best_paths[:, n]) for n in range(count)]
+        return texts, losses
+
+    def _validate(self) -> dict[str, float]:
+        """Score every validation image once across all ranks."""
+        self.model.eval()
+        loss_sum, correct, char_errors, chars = 0.0, 0, 0, 0
+        with torch.inference_mode():
+            for start in range(0, len(self.val_indices), VALIDATION_BATCH):
+                indices = self.val_indices[start : start + VALIDATION_BATCH]
+                texts, losses = self._predict_texts(indices)
+                truths = [self.val_set.labels[i] for i in indices]
+                loss_sum += float(losses.sum())
+                correct += sum(t == p for t, p in zip(truths, texts))
+                errors, total = character_errors(truths, texts)
+                char_errors += errors
+                chars += total
+        totals = all_reduce_sum(
+            [loss_sum, float(len(self.val_indices)), float(correct), float(char_errors), float(chars)],
+            self.context, self.device,
+        )
+        loss_sum, count, correct, char_errors, chars = totals
+        return {
+            "val_loss": loss_sum / count if count else math.nan,
+            "val_accuracy": correct / count if count else 0.0,
+            "val_cer": char_errors / chars if chars else 0.0,
+            "val_count": int(count),
+        }
+
+    def _sample_predictions(self) -> list[tuple[str, str]]:
+        if not len(self.sample_indices):
+            return []
+        self.model.eval()
+        with torch.inference_mode():
+            texts, _ = self._predict_texts(self.sample_indices)
+        return [(self.val_set.labels[i], text) for i, text in zip(self.sample_indices, texts)]
