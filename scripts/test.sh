@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-python -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu || python -m pip install -q torch==2.13.0
+python -m pip install -q torch==2.13.0
 python -m pip install -q -e '.[dev]'
 ruff check src tests bench
 python -m pytest -q "$@"
