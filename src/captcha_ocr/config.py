@@ -60,7 +60,7 @@ class TrainConfig:
     path_column: str | None = _option(None, "manifest column holding image paths (default: detected)")
     label_column: str | None = _option(None, "manifest column holding labels (default: detected)")
     height: int = _option(48, "image height in pixels after resizing (a multiple of 16)")
-    width: int = _option(160, "image width in pixels after resizing; the model emits width/4 steps")
+    width: int = _option(160, "image width in pixels after resizing; the model emits width/8 steps")
     epochs: int = _option(60, "maximum number of epochs")
     batch_size: int = _option(32, "images per optimizer step on each process")
     lr: float = _option(1e-3, "peak learning rate of Adam")
@@ -79,9 +79,9 @@ class TrainConfig:
     threads: int = _option(0, "CPU threads for PyTorch; 0: one per core (per process under torchrun)")
     output_dir: str = _option("outputs", "folder for logs/, runs/, models/ and the generated-data cache")
     channels: list[int] = _option([32, 64, 96, 96, 128], "output channels of the five convolution layers")
-    rnn_hidden: int = _option(128, "hidden units per direction of the GRU")
-    rnn_layers: int = _option(2, "number of bidirectional GRU layers")
-    dropout: float = _option(0.2, "dropout before and between the GRU layers")
+    rnn_hidden: int = _option(128, "hidden units per direction of the LSTM")
+    rnn_layers: int = _option(2, "number of bidirectional LSTM layers")
+    dropout: float = _option(0.2, "dropout before and between the LSTM layers")
     max_pixels: int = _option(DEFAULT_MAX_PIXELS, "images with more pixels are refused before decoding")
     too_long_labels: str = _option(
         "error", "labels the model cannot emit at this width: error (stop before training) or skip",

@@ -92,7 +92,7 @@ def log_split(logger: logging.Logger, train_count: int, val_count: int, from_spl
 
 def log_model(logger: logging.Logger, num_alphabet: int, parameters: int, steps: int, model_config: Mapping[str, Any]) -> None:
     logger.info("Model created with %d character classes", num_alphabet)
-    logger.info("Model: CRNN (CNN + bidirectional GRU + CTC), %s", _format_model(model_config))
+    logger.info("Model: CRNN (CNN + bidirectional LSTM + CTC), %s", _format_model(model_config))
     logger.info("Model parameters: %s", f"{parameters:,}")
     logger.info("Model output steps per image: %d", steps)
 
@@ -101,7 +101,7 @@ def _format_model(model_config: Mapping[str, Any]) -> str:
     return (
         f"input 1x{model_config['height']}x{model_config['width']}, "
         f"channels {list(model_config['channels'])}, "
-        f"GRU {model_config['rnn_layers']}x{model_config['rnn_hidden']}"
+        f"LSTM {model_config['rnn_layers']}x{model_config['rnn_hidden']}"
     )
 
 

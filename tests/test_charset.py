@@ -1,0 +1,93 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from captcha_ocr.charset import BLANK_INDEX, Codec, min_ctc_steps, resolve_charset
+from tests.conftest import CASES, require
+
+
+def one_hot_path(codec: Codec, path: list[int]) -> np.ndarray:
+    """Build (T, 1, C) probabilities whose best path is ``path``."""
+    probs = np.full((len(path), 1, codec.num_classes), 0.01, dtype=np.float32)
+    for step, index in enumerate(path):
+        probs[step, 0, index] = 0.9
+    return probs
+
+
+def test_encode_decode_roundtrip():
+    codec = Codec("0123456789")
+    assert codec.encode("907") == [10, 1, 8]
+    assert codec.decode_indices([10, 1, 8]) == "907"
+
+
+def test_decode_collapses_repeats_before_blanks():
+    codec = Codec("6")
+    six = codec.encode("6")[0]
+    path = [six, six, BLANK_INDEX, six, BLANK_INDEX, six, six, BLANK_INDEX, six]
+    assert codec.decode_indices(path) == "6666"
+
+
+def test_decode_merges_adjacent_repeats():
+    codec = Codec("ab")
+    a, b = codec.encode("ab")
+    assert codec.decode_indices([a, a, a, b, b]) == "ab"
+    assert codec.decode_indices([BLANK_INDEX, BLANK_INDEX]) == ""
+
+
+@pytest.mark.parametrize("label", ["6666", "aabb", "5bbzt", "xxxxx", "ZZ9ZZ", "1oo1"])
+def test_repeated_labels_decode_exactly(label):
+    codec = Codec.from_labels([label])
+    path: list[int] = []
+    for char in label:
+        index = codec.encode(char)[0]
+        if path and path[-1] == index:
+            path.append(BLANK_INDEX)
+        path += [index, index]
+    assert codec.decode_indices(path) == label
+    (text, confidence), = codec.decode_greedy(one_hot_path(codec, path))
+    assert text == label
+    assert 0.0 < confidence <= 1.0
+
+
+def test_repeated_chars_case_files_match_labels():
+    folder = require(CASES / "repeated_chars")
+    labels = sorted(Path(p).stem for p in folder.glob("*.png"))
+    assert labels == sorted(["6666", "aabb", "5bbzt", "xxxxx", "ZZ9ZZ", "1oo1"])
+
+
+def test_min_ctc_steps_counts_repeats():
+    assert min_ctc_steps("abcd") == 4
+    assert min_ctc_steps("6666") == 7
+    assert min_ctc_steps("aabb") == 6
+    assert min_ctc_steps("") == 0
+
+
+def test_confidence_of_empty_read_is_blank_probability():
+    codec = Codec("ab")
+    (text, confidence), = codec.decode_greedy(one_hot_path(codec, [BLANK_INDEX] * 3))
+    assert text == ""
+    assert confidence == pytest.approx(0.9)
+
+
+def test_encode_rejects_unknown_character():
+    with pytest.raises(ValueError, match="outside the alphabet"):
+        Codec("abc").encode("abz")
+
+
+def test_codec_rejects_duplicates():
+    with pytest.raises(ValueError, match="repeated"):
+        Codec("aab")
+
+
+def test_resolve_named_and_literal_charsets():
+    assert resolve_charset("digits") == "0123456789"
+    assert resolve_charset("digits+XY") == "0123456789XY"
+    assert len(resolve_charset("alnum")) == 62
+    assert resolve_charset("cab") == "abc"
+    with pytest.raises(ValueError):
+        resolve_charset("")
+
+
+def test_unknown_chars_in_order():
+    assert Codec("abc").unknown_chars("axbyx") == "xy"

@@ -1,0 +1,162 @@
+"""A tiny real training run, checked against the documented log format and greps."""
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from captcha_ocr.config import TrainConfig
+from captcha_ocr.predict import Recognizer
+from captcha_ocr.session import train
+from tests.conftest import TINY_MODEL
+
+LINE = re.compile(r"^\[\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\] \[(INFO|WARNING|ERROR|DEBUG|CRITICAL)\] ")
+
+
+@pytest.fixture(scope="module")
+def finished_run(generated_folder, tmp_path_factory):
+    output = tmp_path_factory.mktemp("run")
+    config = TrainConfig.build(
+        {"data": [str(generated_folder)], "output_dir": str(output), "epochs": 2, "val_split": 0.25, **TINY_MODEL}
+    )
+    result = train(config, console=False, progress=False)
+    assert result.status == "completed", result.error
+    return result, output
+
+
+def grep(pattern: str, *files: Path) -> list[str]:
+    """Run the real grep, as a user would, and return the matching lines."""
+    completed = subprocess.run(["grep", "-h", pattern, *map(str, files)], capture_output=True, text=True)
+    return completed.stdout.splitlines()
+
+
+def test_log_file_layout(finished_run):
+    result, output = finished_run
+    assert re.fullmatch(r"training_\d{8}_\d{6}(_\d+)?\.log", result.log_file.name)
+    assert result.log_file.parent == output / "logs"
+    assert (output / "models" / f"captcha_model_{result.session_id}.pth").is_file()
+    assert (output / "models" / "captcha_model_latest.pth").is_file()
+
+
+def test_every_line_has_the_format(finished_run):
+    result, _ = finished_run
+    lines = result.log_file.read_text(encoding="utf-8").splitlines()
+    assert len(lines) > 40
+    for line in lines:
+        assert LINE.match(line), line
+
+
+def test_sections_in_order(finished_run):
+    result, _ = finished_run
+    text = result.log_file.read_text(encoding="utf-8")
+    phrases = [
+        "CAPTCHA RECOGNITION TRAINING SESSION STARTED",
+        "Run folder: ",
+        "PyTorch Version: ",
+        "Device: cpu",
+        "Configuration:",
+        "  - Epochs: 2",
+        "  - Batch Size: 8",
+        "All characters used in label encoding: ['0' '1' '2'",
+        "TRAIN/TEST SPLIT:",
+        "   Training images: 36",
+        "   Testing images:  12",
+        "Ratio: 75.0% / 25.0%",
+        "Model created with 10 character classes",
+        "Model parameters: ",
+        "Optimizer: Adam (lr=1e-3, weight_decay=1e-5)",
+        "Scheduler: ReduceLROnPlateau (factor=0.5, patience=3)",
+        "STARTING TRAINING LOOP",
+        "Epoch 1/2 - Sample predictions:",
+        "Epoch 1/2 - Train Loss: ",
+        "Epoch 2/2 - Train Loss: ",
+        "✅ Model (best epoch",
+        "🎉 TRAINING COMPLETED SUCCESSFULLY!",
+        "TRAINING SUMMARY:",
+        "   • Final accuracy: ",
+        "   • Best accuracy: ",
+        "   • Training samples: 36, validation samples: 12",
+        "   • Character classes: 10",
+        "   • Total time: ",
+        f"   • Session ID: {result.session_id}",
+        f"   • Log file: {result.log_file}",
+    ]
+    position = 0
+    for phrase in phrases:
+        found = text.find(phrase, position)
+        assert found >= 0, f"{phrase!r} missing after position {position}"
+        position = found
+
+
+def test_sample_predictions_are_fixed(finished_run):
+    result, _ = finished_run
+    text = result.log_file.read_text(encoding="utf-8")
+    blocks = re.findall(r"Sample predictions:\n((?:.*\] \[INFO\]    [✓✗] .*\n)+)", text)
+    assert len(blocks) == 2
+    actual = [re.findall(r"[✓✗] '([^']*)' →", block) for block in blocks]
+    assert actual[0] == actual[1]
+    assert len(actual[0]) == 6
+
+
+def test_epoch_line_format(finished_run):
+    result, _ = finished_run
+    lines = grep("Accuracy", result.log_file)
+    epoch_lines = [line for line in lines if " - Train Loss: " in line]
+    assert len(epoch_lines) == 2
+    pattern = (
+        r"Epoch \d+/2 - Train Loss: \d+\.\d{4}, Val Loss: \d+\.\d{4}, Accuracy: \d\.\d{4} "
+        r"\(\d+\.\d%\), CER: \d\.\d{4}, Time: \d+\.\ds, LR: \d\.\d{2}e[-+]\d{2}$"
+    )
+    for line in epoch_lines:
+        assert re.search(pattern, line), line
+
+
+def test_documented_greps_find_lines(finished_run):
+    result, output = finished_run
+    logs = sorted((output / "logs").glob("training_*.log"))
+    assert logs == [result.log_file]
+    assert len(grep("TRAINING SUMMARY", *logs)) == 1
+    final = grep("Final accuracy", *logs)
+    assert len(final) == 1
+    metrics = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert f"{metrics[-1]['val_accuracy']:.4f}" in final[0]
+
+
+def test_learning_rate_reduced_line(generated_folder, tmp_path):
+    config = TrainConfig.build(
+        {
+            "data": [str(generated_folder)], "output_dir": str(tmp_path), "epochs": 3, "val_split": 0.25,
+            **TINY_MODEL, "lr_patience": 0, "lr_factor": 0.5, "lr": 1e-6, "min_lr": 1e-9,
+        }
+    )
+    result = train(config, console=False, progress=False)
+    assert result.status == "completed", result.error
+    reduced = grep("Learning rate reduced", result.log_file)
+    assert reduced, "the scheduler never reduced the learning rate with patience 0"
+    assert re.search(r"Learning rate reduced: \d\.\d{2}e-\d{2} → \d\.\d{2}e-\d{2}$", reduced[0])
+
+
+def test_console_matches_file(generated_folder, tmp_path, capsys):
+    config = TrainConfig.build(
+        {"data": [str(generated_folder)], "output_dir": str(tmp_path), "epochs": 1, "val_split": 0.25, **TINY_MODEL}
+    )
+    result = train(config, console=True, progress=False)
+    err = capsys.readouterr().err.splitlines()
+    file_lines = result.log_file.read_text(encoding="utf-8").splitlines()
+    assert err == file_lines
+
+
+def test_model_file_predicts_after_reload(finished_run, generated_folder):
+    result, _ = finished_run
+    recognizer = Recognizer.load(result.model_path)
+    image = sorted(generated_folder.glob("*.png"))[0]
+    prediction = recognizer.predict(image)
+    assert isinstance(prediction.text, str)
+    assert set(prediction.text) <= set("0123456789")
+    assert 0.0 <= prediction.confidence <= 1.0
+    assert recognizer.metadata["alphabet"] == "0123456789"
+    batch = recognizer.predict_batch(sorted(generated_folder.glob("*.png"))[:5])
+    assert len(batch) == 5
+    assert batch[0] == prediction
