@@ -15,6 +15,7 @@ import re
 import shlex
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,26 @@ import torch
 from captcha_ocr.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from captcha_ocr.config import ConfigError, TrainConfig
 from captcha_ocr.data.images import Preprocessing
-from captcha_ocr.data.prepare import DataError, PreparedData, describe_data, prepare_data, skipped_by_reason
+from captcha_ocr.data.prepare import (
+    DataError,
+    PreparedData,
+    describe_data,
+    prepare_data,
+    skipped_by_reason,
+)
 from captcha_ocr.data.sources import SourceError
 from captcha_ocr.model import CRNN, ModelConfig, count_parameters, output_steps
 from captcha_ocr.record import report
-from captcha_ocr.record.log import get_package_logger, new_session_id, remove_handlers, setup_logging
+from captcha_ocr.record.log import (
+    get_package_logger,
+    new_session_id,
+    remove_handlers,
+    setup_logging,
+)
 from captcha_ocr.record.run import RunFolder, collect_environment, read_json
+from captcha_ocr.record.runs import resolve_run_id  # noqa: F401 - part of this module's API
+from captcha_ocr.record.sheets import write_epoch_samples
+from captcha_ocr.record.tensorboard_scalars import TensorBoardScalars, open_tensorboard
 from captcha_ocr.training.distributed import (
     DistributedContext,
     broadcast_object,
@@ -37,7 +52,11 @@ from captcha_ocr.training.distributed import (
     shutdown_distributed,
 )
 from captcha_ocr.training.loop import Trainer, TrainingError
-from captcha_ocr.training.signals import Interrupted, install_signal_handlers, restore_signal_handlers
+from captcha_ocr.training.signals import (
+    Interrupted,
+    install_signal_handlers,
+    restore_signal_handlers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,32 +90,6 @@ class SessionPaths:
         self.models = root / "models"
         self.log_file = self.logs / f"training_{session_id}.log"
         self.run_dir = self.runs / session_id
-
-
-def resolve_run_id(reference: str, runs_dir: Path) -> str:
-    """Turn 'latest', a full run ID or a unique ID prefix into a run ID."""
-    if not runs_dir.is_dir():
-        raise FileNotFoundError(f"no runs found: {runs_dir} does not exist")
-    ids = sorted(p.name for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if reference == "latest":
-        if not ids:
-            raise FileNotFoundError(f"no runs found in {runs_dir}")
-        return max(ids, key=_run_sort_key)
-    if reference in ids:
-        return reference
-    matches = [i for i in ids if i.startswith(reference)]
-    if len(matches) == 1:
-        return matches[0]
-    if not matches:
-        raise FileNotFoundError(f"no run matches {reference!r} in {runs_dir}")
-    raise ValueError(f"run ID prefix {reference!r} is ambiguous: {', '.join(matches[:5])}")
-
-
-def _run_sort_key(run_id: str) -> tuple[str, int]:
-    match = re.fullmatch(r"(\d{8}_\d{6})(?:_(\d+))?", run_id)
-    if not match:
-        return (run_id, 0)
-    return (match.group(1), int(match.group(2) or 1))
 
 
 def find_resume_checkpoint(reference: str, output_dir: str | Path) -> Path:
@@ -217,12 +210,17 @@ def _train(
     context: DistributedContext,
 ) -> TrainResult:
     payload = None
+    ignored: list[str] = []
     if resume:
         checkpoint_path = find_resume_checkpoint(resume, config.output_dir)
         payload = load_checkpoint(checkpoint_path)
         if payload.get("kind") != "training":
             raise CheckpointError(f"{checkpoint_path}: a model file, not a training checkpoint; resume from a run ID")
         saved = dict(payload["train_config"])
+        ignored = [
+            key for key, value in overrides.items()
+            if key not in RESUME_OVERRIDABLE and key != "output_dir" and saved.get(key) != value
+        ]
         saved.update({k: v for k, v in overrides.items() if k in RESUME_OVERRIDABLE})
         saved["output_dir"] = config.output_dir
         config = TrainConfig.build(saved)
@@ -243,12 +241,17 @@ def _train(
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S")
     trainer: Trainer | None = None
     prepared: PreparedData | None = None
-    previous_handlers = install_signal_handlers()
+    previous_handlers = install_signal_handlers(raise_at_once=not context.enabled)
     try:
         if context.is_main:
             report.log_session_start(logger, session_id, str(paths.run_dir), str(paths.log_file), resumed=payload is not None)
             if payload is not None:
                 logger.info("Resuming from %s after epoch %d", checkpoint_path, payload["epoch"])
+            if ignored:
+                logger.warning(
+                    "Ignored on resume, the run keeps the values it was trained with: %s (only %s can change)",
+                    _flags(ignored), _flags(RESUME_OVERRIDABLE),
+                )
         trainer, prepared = _setup(config, payload, context, paths, run, argv, show_progress)
         if run is not None:
             _write_summary(run, result, config, prepared, trainer, started, started_at, status="running")
@@ -261,16 +264,22 @@ def _train(
     except KeyboardInterrupt:
         _record_interrupt(result, trainer, paths, 2, 130, context)
     except (DataError, SourceError, ConfigError, CheckpointError) as error:
+        # Every rank finds the same problem in the same input, so only rank 0 reports it.
         result.status, result.exit_code, result.error = "failed", EXIT_BAD_INPUT, str(error)
-        logger.error("%s", error)
-        _log_failed(trainer, paths)
+        if run is not None and isinstance(error, DataError):
+            run.write_skipped(error.skipped)
+        if context.is_main:
+            logger.error("%s", error)
+            _log_failed(trainer, paths)
+    except TrainingError as error:
+        result.status, result.exit_code, result.error = "failed", EXIT_FAILED, str(error)
+        if context.is_main:
+            logger.error("%s", error)
+            _log_failed(trainer, paths)
     except Exception as error:  # noqa: BLE001 - every crash must reach the log before exiting
         result.status, result.exit_code = "failed", EXIT_FAILED
         result.error = f"{type(error).__name__}: {error}"
-        if isinstance(error, TrainingError):
-            logger.error("%s", error)
-        else:
-            logger.exception("Uncaught error during training: %s", result.error)
+        logger.exception("Uncaught error during training: %s", result.error)
         _log_failed(trainer, paths)
     finally:
         restore_signal_handlers(previous_handlers)
@@ -305,11 +314,9 @@ def _setup(
             run.write("environment.json", collect_environment(config.seed, {"device": str(device), "world_size": context.world_size, "backend": context.backend, "rank_devices": system["rank_devices"]}))
 
     alphabet = payload["alphabet"] if payload else None
-    prepared = prepare_data(config, steps, preprocessing, alphabet=alphabet, progress=progress)
+    prepared = prepare_data(config, steps, preprocessing, alphabet=alphabet, progress=progress, warn=context.is_main)
     skipped_file = None
     if context.is_main:
-        for path, reason in prepared.skipped:
-            logger.warning("Skipped %s: %s", path, reason)
         if run is not None:
             skipped_file = str(run.write_skipped(prepared.skipped))
             run.write("data.json", describe_data(prepared))
@@ -332,11 +339,15 @@ def _setup(
         "ignore_case": config.ignore_case,
         "session_id": paths.session_id,
     }
+    board = open_tensorboard(run.path / "tensorboard") if run is not None and config.tensorboard else None
     trainer = Trainer(
         model=model, codec=prepared.codec, preprocessing=preprocessing, config=config,
         train_set=prepared.train, val_set=prepared.val, device=device, context=context,
         checkpoint_dir=run.checkpoints if run is not None else None, model_info=model_info,
-        augment_enabled=augment_enabled, on_epoch=(lambda row: _on_epoch(run, row)) if run is not None else None,
+        augment_enabled=augment_enabled,
+        # The callback first runs after this assignment, so it can read the trainer's validation pixels.
+        on_epoch=(lambda row: _on_epoch(run, row, trainer, board)) if run is not None else None,
+        progress=progress,
     )
     if context.is_main:
         report.log_model(logger, len(prepared.codec.alphabet), count_parameters(model), steps, model_config.to_dict())
@@ -354,8 +365,12 @@ def _setup(
     return trainer, prepared
 
 
-def _on_epoch(run: RunFolder, row: dict[str, Any]) -> None:
+def _on_epoch(run: RunFolder, row: dict[str, Any], trainer: Trainer, board: TensorBoardScalars | None) -> None:
     run.append_metrics({k: v for k, v in row.items() if k != "samples"})
+    pixels = trainer.val_set.pixels[trainer.sample_indices]
+    write_epoch_samples(run.path / "samples", row["epoch"], pixels, row["samples"])
+    if board is not None:
+        board.add_epoch(row)
 
 
 def _restore_record(trainer: Trainer, run: RunFolder | None, paths: SessionPaths) -> None:
@@ -425,11 +440,23 @@ def _summary_values(result: TrainResult, trainer: Trainer | None, prepared: Prep
     }
 
 
-def resume_command(session_id: str, output_dir: str) -> str:
+def _flags(names: Iterable[str]) -> str:
+    return ", ".join("--" + name.replace("_", "-") for name in names)
+
+
+def resume_command(session_id: str, output_dir: str, context: DistributedContext | None = None) -> str:
+    """Build the shell command that continues this run, with torchrun when it ran under torchrun."""
     command = ["captcha-ocr", "train", "--resume", session_id]
     if output_dir != "outputs":
         command += ["--output-dir", output_dir]
-    return shlex.join(command)
+    if context is None or not context.enabled:
+        return shlex.join(command)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", context.world_size))
+    launcher = ["torchrun", f"--nproc_per_node={per_node}", "-m", "captcha_ocr", *command[1:]]
+    text = shlex.join(launcher)
+    if per_node != context.world_size:
+        text += " (on every node, with the same --nnodes and rendezvous options as before)"
+    return text
 
 
 def _last_checkpoint(trainer: Trainer | None, paths: SessionPaths) -> str:
@@ -449,7 +476,7 @@ def _record_interrupt(result: TrainResult, trainer: Trainer | None, paths: Sessi
     report.banner(logger, f"TRAINING INTERRUPTED by {name} after {epochs} completed epochs", logging.WARNING)
     logger.warning("Checkpoint of the last completed epoch: %s", _last_checkpoint(trainer, paths))
     if epochs:
-        logger.warning("Resume with: %s", resume_command(paths.session_id, str(paths.runs.parent)))
+        logger.warning("Resume with: %s", resume_command(paths.session_id, str(paths.runs.parent), context))
     result.stop_reason = f"interrupted by {name}"
 
 

@@ -90,12 +90,18 @@ def get_package_logger() -> logging.Logger:
 
 
 def remove_handlers(logger: logging.Logger | None = None) -> None:
-    """Detach and close the handlers :func:`setup_logging` attached."""
+    """Detach and close the handlers :func:`setup_logging` attached.
+
+    Once none is left, the logger propagates again, so that after training the
+    package's messages reach whatever logging the calling program set up.
+    """
     logger = logger or get_package_logger()
     for handler in logger.handlers[:]:
         if getattr(handler, _HANDLER_MARK, False):
             logger.removeHandler(handler)
             handler.close()
+    if not logger.handlers:
+        logger.propagate = True
 
 
 def setup_logging(
@@ -157,3 +163,23 @@ def new_session_id(logs_dir: Path, runs_dir: Path, now: datetime | None = None) 
             continue
         return session_id
     raise RuntimeError(f"could not reserve a session ID for {base} in {runs_dir}")
+
+
+def new_log_id(logs_dir: Path, prefix: str, now: datetime | None = None) -> str:
+    """Reserve an ID by creating ``<prefix>_<ID>.log`` in ``logs_dir`` exclusively.
+
+    For commands that keep a log but no run folder, such as ``evaluation``.
+    The ID has the same form as a session ID, ``YYYYMMDD_HHMMSS`` with ``_2``,
+    ``_3``, ... appended when another process took that second.
+    """
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    base = (now or datetime.now()).strftime(SESSION_ID_FORMAT)
+    for attempt in range(1, 10_000):
+        log_id = base if attempt == 1 else f"{base}_{attempt}"
+        try:
+            with open(logs_dir / f"{prefix}_{log_id}.log", "x", encoding="utf-8"):
+                pass
+        except FileExistsError:
+            continue
+        return log_id
+    raise RuntimeError(f"could not reserve a {prefix} log ID for {base} in {logs_dir}")
