@@ -11,7 +11,7 @@ from typing import Any
 
 from captcha_ocr import __version__
 
-DESCRIPTION = "Train, evaluate, export and serve CAPTCHA recognizers (CNN + BiGRU + CTC)."
+DESCRIPTION = "Train, evaluate, export and serve CAPTCHA recognizers (CNN + BiLSTM + CTC)."
 
 
 class CommandError(Exception):
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     generate.set_defaults(handler=cmd_generate)
 
-    train = commands.add_parser("train", help="train a recognizer and write the training log", description="Train a CNN + BiGRU + CTC recognizer. The log goes to outputs/logs/training_<ID>.log, the run record to outputs/runs/<ID>/ and the model to outputs/models/.")
+    train = commands.add_parser("train", help="train a recognizer and write the training log", description="Train a CNN + BiLSTM + CTC recognizer. The log goes to outputs/logs/training_<ID>.log, the run record to outputs/runs/<ID>/ and the model to outputs/models/.")
     add_train_arguments(train)
     train.set_defaults(handler=cmd_train)
 
@@ -190,14 +190,12 @@ def _optional_commands() -> list[Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from captcha_ocr.checkpoint import CheckpointError
-    from captcha_ocr.config import ConfigError
-    from captcha_ocr.data.prepare import DataError
-    from captcha_ocr.data.sources import SourceError
-
+    # The package's input errors (ConfigError, CheckpointError, DataError, SourceError,
+    # ImageError) all derive from ValueError; naming them here would import PyTorch
+    # through checkpoint.py, which predicting with an ONNX file must not need.
     try:
         return args.handler(args)
-    except (CommandError, ConfigError, CheckpointError, DataError, SourceError, FileNotFoundError, ValueError) as error:
+    except (CommandError, FileNotFoundError, ValueError) as error:
         print(f"captcha-ocr {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
