@@ -86,10 +86,25 @@ class Recognizer:
             raise FileNotFoundError(f"{path}: model file not found")
         if path.suffix.lower() == ".onnx":
             return cls._load_onnx(path)
-        from captcha_ocr.checkpoint import load_checkpoint
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                f"{path}: reading a .pth model needs PyTorch, which is not installed; "
+                "install it (pip install torch) or export the model with 'captcha-ocr export' "
+                "and predict from the .onnx file"
+            ) from None
+        from captcha_ocr.checkpoint import CheckpointError, load_checkpoint
 
         payload = load_checkpoint(path)
-        backend = _TorchBackend(payload, device)
+        try:
+            backend = _TorchBackend(payload, device)
+        except (KeyError, TypeError, RuntimeError) as error:
+            first_line = str(error).strip().splitlines()[0]
+            raise CheckpointError(
+                f"{path}: the weights do not fit the model this captcha-ocr version builds ({first_line}); "
+                "use the captcha-ocr release that trained it, or train again"
+            ) from None
         metadata = {
             "format": "pytorch",
             "path": str(path),
