@@ -66,7 +66,7 @@ def test_sections_in_order(finished_run):
         "Ratio: 75.0% / 25.0%",
         "Model created with 10 character classes",
         "Model parameters: ",
-        "Optimizer: Adam (lr=1e-3, weight_decay=1e-5)",
+        "Optimizer: Adam (lr=3e-3, weight_decay=1e-5)",
         "Scheduler: ReduceLROnPlateau (factor=0.5, patience=3)",
         "STARTING TRAINING LOOP",
         "Epoch 1/2 - Sample predictions:",

@@ -8,6 +8,7 @@ labels too long for the model's output steps.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,28 @@ logger = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
-    """The data cannot be used for training; the message names the file or source and the fix."""
+    """The data cannot be used for training; the message names the file or source and the fix.
+
+    ``skipped`` lists the files left out before the problem was found, for skipped.txt.
+    """
+
+    def __init__(self, message: str, skipped: list[tuple[Path, str]] | None = None) -> None:
+        super().__init__(message)
+        self.skipped = list(skipped or [])
+
+
+class _SkipList(list):
+    """Files left out, each reported as one warning the moment it is added."""
+
+    def __init__(self, warn: bool) -> None:
+        super().__init__()
+        self.warn = warn
+
+    def add(self, entries: list[tuple[Path, str]]) -> None:
+        for path, reason in entries:
+            self.append((path, reason))
+            if self.warn:
+                logger.warning("Skipped %s: %s", path, reason)
 
 
 @dataclass
@@ -77,24 +99,24 @@ def _collect(sources: list[str], config: TrainConfig) -> Collected:
 
 
 def _filter_labels(
-    samples: list[Sample], codec: Codec | None, steps: int, config: TrainConfig
-) -> tuple[list[Sample], list[tuple[Path, str]]]:
+    samples: list[Sample], codec: Codec | None, steps: int, config: TrainConfig, skipped: _SkipList
+) -> list[Sample]:
     """Drop labels with characters outside ``codec`` and, when asked, labels too long for ``steps``."""
-    kept, skipped = [], []
+    kept = []
     for sample in samples:
         if codec is not None:
             unknown = codec.unknown_chars(sample.label)
             if unknown:
-                skipped.append((sample.path, f"label {sample.label!r} has characters outside the charset: {unknown!r}"))
+                skipped.add([(sample.path, f"label {sample.label!r} has characters outside the charset: {unknown!r}")])
                 continue
         needed = min_ctc_steps(sample.label)
         if needed > steps:
             if config.too_long_labels == "error":
                 raise DataError(too_long_message(sample, needed, steps, config.width))
-            skipped.append((sample.path, f"label {sample.label!r} needs {needed} output steps, the model emits {steps}"))
+            skipped.add([(sample.path, f"label {sample.label!r} needs {needed} output steps, the model emits {steps}")])
             continue
         kept.append(sample)
-    return kept, skipped
+    return kept
 
 
 def too_long_message(sample: Sample, needed: int, steps: int, width: int) -> str:
@@ -102,7 +124,8 @@ def too_long_message(sample: Sample, needed: int, steps: int, width: int) -> str
     return (
         f"{sample.path}: label {sample.label!r} ({len(sample.label)} characters, {repeats} repeated "
         f"neighbours) needs {needed} CTC output steps, but the model emits only {steps} at --width {width}. "
-        f"Train with --width {needed * 4} or more, or leave such files out with --too-long-labels skip"
+        f"Train with --width {math.ceil(needed * width / steps)} or more, "
+        "or leave such files out with --too-long-labels skip"
     )
 
 
@@ -112,33 +135,50 @@ def prepare_data(
     preprocessing: Preprocessing,
     alphabet: str | None = None,
     progress: bool = True,
+    warn: bool = True,
 ) -> PreparedData:
     """Collect, check, decode and split the training and validation data.
 
     ``alphabet`` fixes the codec (when resuming); otherwise an explicit
-    ``config.charset`` does, and failing that the training labels define it.
+    ``config.charset`` does, and failing that the labels define it. With
+    ``warn``, each file left out is logged as one warning as soon as it is
+    found, so the warnings are in the log even when a :class:`DataError` follows.
     """
+    skipped = _SkipList(warn)
+    try:
+        return _prepare(config, steps, preprocessing, alphabet, progress, skipped)
+    except DataError as error:
+        error.skipped = list(skipped)
+        raise
+
+
+def _prepare(
+    config: TrainConfig,
+    steps: int,
+    preprocessing: Preprocessing,
+    alphabet: str | None,
+    progress: bool,
+    skipped: _SkipList,
+) -> PreparedData:
     train_sources = list(config.data) or [str(ensure_synthetic_set(config, progress))]
     cache_dir = Path(config.output_dir) / "cache"
     collected = _collect(train_sources, config)
-    skipped = list(collected.skipped)
+    skipped.add(collected.skipped)
     found = len(collected.samples) + len(collected.skipped)
 
     fixed = alphabet or (resolve_charset(config.charset) if config.charset else None)
     codec = Codec(fixed) if fixed else None
-    samples, dropped = _filter_labels(collected.samples, codec, steps, config)
-    skipped += dropped
+    samples = _filter_labels(collected.samples, codec, steps, config, skipped)
     decoded, failed = decode_samples(samples, preprocessing, cache_dir, progress, "Decoding training images")
-    skipped += failed
+    skipped.add(failed)
 
     if config.val:
         val_collected = _collect(list(config.val), config)
-        skipped += val_collected.skipped
+        skipped.add(val_collected.skipped)
         found += len(val_collected.samples) + len(val_collected.skipped)
-        val_samples, dropped = _filter_labels(val_collected.samples, codec, steps, config)
-        skipped += dropped
+        val_samples = _filter_labels(val_collected.samples, codec, steps, config, skipped)
         val, failed = decode_samples(val_samples, preprocessing, cache_dir, progress, "Decoding validation images")
-        skipped += failed
+        skipped.add(failed)
         train = decoded
         from_split = False
     else:
@@ -153,11 +193,14 @@ def prepare_data(
     if len(val) == 0:
         raise DataError(_nothing_left(list(config.val), found, 0, "no validation image is usable"))
 
-    codec = codec or Codec.from_labels(train.labels)
-    val_unknown = "".join(sorted({c for label in val.labels for c in codec.unknown_chars(label)}))
+    # Characters seen only in validation labels still get a class, so that those
+    # labels can be encoded and scored (as errors) rather than crash validation.
+    trained = Codec.from_labels(train.labels)
+    val_unknown = "".join(sorted({c for label in val.labels for c in trained.unknown_chars(label)}))
+    codec = codec or Codec.from_labels(train.labels + val.labels)
     return PreparedData(
         train=train, val=val, codec=codec, sources=train_sources, val_sources=list(config.val),
-        found=found, skipped=skipped, from_split=from_split, val_unknown_chars=val_unknown,
+        found=found, skipped=list(skipped), from_split=from_split, val_unknown_chars=val_unknown,
     )
 
 

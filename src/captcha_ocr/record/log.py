@@ -45,8 +45,10 @@ class ConsoleHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            message = self.format(record)
             stream = sys.stderr
+            if stream is None:  # no console at all, as under pythonw
+                return
+            message = self.format(record)
             encoding = getattr(stream, "encoding", None) or "utf-8"
             message = to_console_text(message, encoding)
             from tqdm import tqdm

@@ -71,6 +71,28 @@ def all_reduce_sum(values: list[float], context: DistributedContext, device: tor
     return tensor.tolist()
 
 
+def all_reduce_max(value: int, context: DistributedContext, device: torch.device) -> int:
+    """The largest of one integer over all ranks."""
+    if not context.enabled:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def sync_buffers(module: torch.nn.Module, context: DistributedContext) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+    DDP broadcasts buffers at the start of each training forward pass, so after
+    the last batch of an epoch every rank holds statistics updated by its own
+    batch. Validation must run with the statistics that rank 0 saves.
+    """
+    if not context.enabled:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=0)
+
+
 def all_ranks_true(flag: bool, context: DistributedContext, device: torch.device) -> bool:
     """True only when ``flag`` is true on every rank, so all ranks take the same branch."""
     if not context.enabled:

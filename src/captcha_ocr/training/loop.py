@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -31,8 +30,15 @@ from captcha_ocr.data.dataset import DecodedSet, augment, make_batch
 from captcha_ocr.data.images import Preprocessing
 from captcha_ocr.metrics import character_errors
 from captcha_ocr.record import report
-from captcha_ocr.training.distributed import DistributedContext, all_ranks_true, all_reduce_sum, broadcast_object
-from captcha_ocr.training.signals import deferred_signals
+from captcha_ocr.training.distributed import (
+    DistributedContext,
+    all_ranks_true,
+    all_reduce_max,
+    all_reduce_sum,
+    broadcast_object,
+    sync_buffers,
+)
+from captcha_ocr.training.signals import Interrupted, deferred_signals, pending_signal
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +87,7 @@ class Trainer:
         model_info: dict[str, Any],
         augment_enabled: bool,
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
+        progress: bool = False,
     ) -> None:
         self.model = model.to(device)
         self.codec = codec
@@ -94,6 +101,7 @@ class Trainer:
         self.model_info = model_info
         self.augment_enabled = augment_enabled
         self.on_epoch = on_epoch
+        self.progress = progress and context.is_main
         self.amp_dtype = precision_dtype(config.precision)
 
         if context.enabled:
@@ -115,6 +123,8 @@ class Trainer:
         self.background = (1.0 - preprocessing.mean) / preprocessing.std
         self.stop_reason = ""
         self.last_checkpoint: Path | None = None
+        # Skipped steps in a row, counted across epoch boundaries.
+        self.nonfinite_streak = 0
 
     # ------------------------------------------------------------------ state
     def checkpoint_payload(self) -> dict[str, Any]:
@@ -230,10 +240,13 @@ class Trainer:
         }
         self.state.history.append(row)
         improved = self._update_best(row)
-        samples = self._sample_predictions() if self.context.is_main else []
+        if not self.context.is_main:
+            return
+        samples = self._sample_predictions()
 
-        saved = self._save_checkpoints(improved) if self.context.is_main else []
-        if self.context.is_main:
+        # A signal here would leave a checkpoint without its log lines and metrics row.
+        with deferred_signals():
+            saved = self._save_checkpoints(improved)
             report.log_sample_predictions(logger, epoch, config.epochs, samples)
             logger.info(report.epoch_line(epoch, config.epochs, row))
             if lr_after < lr_before - 1e-12:
@@ -271,6 +284,16 @@ class Trainer:
                 saved.append((f"Best checkpoint (epoch {self.state.epoch})", best))
         return saved
 
+    def stop_if_interrupted(self) -> None:
+        """Raise :class:`Interrupted` on every rank when any rank has a signal recorded.
+
+        Every rank calls this at the same points, so all of them leave the loop
+        together and none is left waiting in a collective.
+        """
+        signum = all_reduce_max(pending_signal() or 0, self.context, self.device)
+        if signum:
+            raise Interrupted(signum)
+
     def _train_epoch(self, epoch: int) -> tuple[float, int]:
         config = self.config
         self.network.train()
@@ -278,11 +301,11 @@ class Trainer:
         order = np.fromiter(iter(self.sampler), dtype=np.int64)
         batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
         augment_generator = torch.Generator().manual_seed(config.seed * 7_919 + epoch * 131 + self.context.rank)
-        show_bar = self.context.is_main and sys.stderr.isatty()
-        bar = tqdm(batches, desc=f"Epoch {epoch}/{config.epochs}", unit="batch", leave=False, disable=not show_bar)
+        bar = tqdm(batches, desc=f"Epoch {epoch}/{config.epochs}", unit="batch", leave=False, disable=not self.progress)
 
-        loss_sum, seen, nonfinite = 0.0, 0, 0
+        loss_sum, seen = 0.0, 0
         for batch_number, indices in enumerate(bar, start=1):
+            self.stop_if_interrupted()
             batch = make_batch(self.train_set, indices, self.codec, self.preprocessing)
             images = batch.images.to(self.device, non_blocking=True)
             if self.augment_enabled:
@@ -291,7 +314,7 @@ class Trainer:
 
             loss = self._loss(images, batch)
             if not all_ranks_true(bool(torch.isfinite(loss).item()), self.context, self.device):
-                nonfinite = self._report_nonfinite("loss", epoch, batch_number, nonfinite)
+                self._report_nonfinite("loss", epoch, batch_number)
                 continue
 
             self.optimizer.zero_grad(set_to_none=True)
@@ -301,16 +324,16 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
             if not self.scaler.is_enabled() and not torch.isfinite(norm):
                 self.optimizer.zero_grad(set_to_none=True)
-                nonfinite = self._report_nonfinite("gradient", epoch, batch_number, nonfinite)
+                self._report_nonfinite("gradient", epoch, batch_number)
                 continue
             self.scaler.step(self.optimizer)
             self.scaler.update()
 
-            nonfinite = 0
+            self.nonfinite_streak = 0
             self.state.global_step += 1
             loss_sum += loss.item() * len(indices)
             seen += len(indices)
-            if show_bar:
+            if self.progress:
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{self.current_lr():.1e}")
 
         total_loss, total_seen = all_reduce_sum([loss_sum, float(seen)], self.context, self.device)
@@ -327,16 +350,17 @@ class Trainer:
             blank=0, reduction="mean", zero_infinity=False,
         )
 
-    def _report_nonfinite(self, what: str, epoch: int, batch_number: int, count: int) -> int:
-        count += 1
-        logger.warning("Non-finite %s at epoch %d, batch %d: step skipped (%d in a row)", what, epoch, batch_number, count)
+    def _report_nonfinite(self, what: str, epoch: int, batch_number: int) -> None:
+        self.nonfinite_streak += 1
+        count = self.nonfinite_streak
+        if self.context.is_main:
+            logger.warning("Non-finite %s at epoch %d, batch %d: step skipped (%d in a row)", what, epoch, batch_number, count)
         if count >= MAX_CONSECUTIVE_NONFINITE:
             where = self.last_checkpoint or "none saved yet"
             raise TrainingError(
                 f"training stopped: {count} non-finite steps in a row at epoch {epoch}; "
                 f"last good checkpoint: {where}. Try a lower --lr or check the data"
             )
-        return count
 
     # -------------------------------------------------------------- validation
     def _predict_texts(self, indices: np.ndarray) -> tuple[list[str], torch.Tensor]:
@@ -358,6 +382,8 @@ class Trainer:
 
     def _validate(self) -> dict[str, float]:
         """Score every validation image once across all ranks."""
+        self.stop_if_interrupted()
+        sync_buffers(self.model, self.context)
         self.model.eval()
         loss_sum, correct, char_errors, chars = 0.0, 0, 0, 0
         with torch.inference_mode():
@@ -366,7 +392,7 @@ class Trainer:
                 texts, losses = self._predict_texts(indices)
                 truths = [self.val_set.labels[i] for i in indices]
                 loss_sum += float(losses.sum())
-                correct += sum(t == p for t, p in zip(truths, texts))
+                correct += sum(t == p for t, p in zip(truths, texts, strict=True))
                 errors, total = character_errors(truths, texts)
                 char_errors += errors
                 chars += total
@@ -388,4 +414,4 @@ class Trainer:
         self.model.eval()
         with torch.inference_mode():
             texts, _ = self._predict_texts(self.sample_indices)
-        return [(self.val_set.labels[i], text) for i, text in zip(self.sample_indices, texts)]
+        return [(self.val_set.labels[i], text) for i, text in zip(self.sample_indices, texts, strict=True)]
