@@ -14,12 +14,13 @@ DATA = SHARED / "data"
 # Settings that make a training run take seconds on a CPU.
 TINY_MODEL = {
     "height": 32,
-    "width": 96,
+    "width": 128,
     "channels": [8, 8, 16, 16, 16],
     "rnn_hidden": 16,
     "rnn_layers": 1,
     "batch_size": 8,
     "warmup_steps": 0,
+    "threads": 1,
 }
 
 

@@ -33,27 +33,27 @@ def test_too_long_label_stops_with_named_file(tmp_path):
     folder = require(CASES / "too_long_label")
     config = _config(tmp_path, folder, width=128, val_split=0.0, val=[str(folder)])
     with pytest.raises(DataError) as raised:
-        prepare_data(config, output_steps(128), Preprocessing(height=48, width=128), progress=False)
+        prepare_data(config, output_steps(128), Preprocessing(height=48, width=128), progress=False, warn=False)
     message = str(raised.value)
     assert "abcdefghijklmnopqrst.png" in message
     assert "20 characters" in message
-    assert "emits only 16" in message
-    assert "--width 160" in message
+    assert "emits only 8" in message
+    assert "--width 320" in message
     assert "--too-long-labels skip" in message
 
 
 def test_too_long_label_counts_repeats(tmp_path):
     folder = require(CASES / "repeated_chars")
-    # "xxxxx" needs 9 steps; width 64 gives 8.
-    config = _config(tmp_path, folder, width=64)
+    # "xxxxx" needs 9 steps; width 128 gives 8.
+    config = _config(tmp_path, folder, width=128)
     with pytest.raises(DataError, match="xxxxx"):
-        prepare_data(config, output_steps(64), Preprocessing(height=32, width=64), progress=False)
+        prepare_data(config, output_steps(128), Preprocessing(height=32, width=128), progress=False, warn=False)
 
 
 def test_too_long_label_skip_mode(tmp_path):
     folder = require(CASES / "repeated_chars")
-    config = _config(tmp_path, folder, width=64, too_long_labels="skip")
-    prepared = prepare_data(config, output_steps(64), Preprocessing(height=32, width=64), progress=False)
+    config = _config(tmp_path, folder, width=128, too_long_labels="skip")
+    prepared = prepare_data(config, output_steps(128), Preprocessing(height=32, width=128), progress=False, warn=False)
     skipped_names = [path.name for path, _ in prepared.skipped]
     assert skipped_names == ["xxxxx.png"]
     assert "needs 9 output steps" in prepared.skipped[0][1]

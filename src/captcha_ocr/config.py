@@ -60,7 +60,7 @@ class TrainConfig:
     path_column: str | None = _option(None, "manifest column holding image paths (default: detected)")
     label_column: str | None = _option(None, "manifest column holding labels (default: detected)")
     height: int = _option(48, "image height in pixels after resizing (a multiple of 16)")
-    width: int = _option(160, "image width in pixels after resizing; the model emits width/8 steps")
+    width: int = _option(160, "image width in pixels after resizing; the model emits width/16 output steps, one per label character at most")
     epochs: int = _option(60, "maximum number of epochs")
     batch_size: int = _option(32, "images per optimizer step on each process")
     lr: float = _option(3e-3, "peak learning rate of Adam")

@@ -351,7 +351,8 @@ def _setup(
     )
     if context.is_main:
         report.log_model(logger, len(prepared.codec.alphabet), count_parameters(model), steps, model_config.to_dict())
-        batch = f"{config.batch_size} per process x {context.world_size} processes = {config.batch_size * context.world_size}"
+        processes = "process" if context.world_size == 1 else "processes"
+        batch = f"{config.batch_size} per process x {context.world_size} {processes} = {config.batch_size * context.world_size}"
         report.log_optimizer(logger, config.lr, config.weight_decay, config.lr_factor, config.lr_patience, config.warmup_steps, batch)
         logger.info("Augmentation: %s", "on" if augment_enabled else "off")
         logger.info("Precision: %s", config.precision)
