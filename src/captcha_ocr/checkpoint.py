@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +59,18 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        # PyTorch's message suggests weights_only=False, which would run the file's code.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        what = f"it references {found.group(1)}" if found else "it is not a plain checkpoint"
         raise CheckpointError(
             f"{path}: refused to load: the file holds objects other than tensors and plain values "
-            f"({first_line}). It may be tampered with or come from another program; nothing in it was run"
+            f"({what}). It may be corrupt, tampered with or from another program; nothing in it was run"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
+    except Exception as error:  # noqa: BLE001 - torch.load raises many types for a corrupt file
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint, the file is corrupt or not a PyTorch file "
+            f"({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
         raise CheckpointError(
             f"{path}: not a captcha-ocr checkpoint (no '{FORMAT_NAME}' format marker); "

@@ -85,6 +85,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from captcha_ocr.data.generate import GenerateSettings, generate
 
     low, high = parse_length_range(args.length)
+    if not args.out_dir.strip():
+        raise CommandError("OUT_DIR is empty; give the folder to write the images to")
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise CommandError(f"{args.out_dir} exists and is not a folder")
     settings = GenerateSettings(
         count=args.count, min_length=low, max_length=high, charset=args.charset,
         width=args.width, height=args.height, seed=args.seed,
@@ -99,6 +103,8 @@ def _expand_images(inputs: list[str]) -> list[Path]:
 
     paths: list[Path] = []
     for item in inputs:
+        if not item.strip():
+            raise CommandError("an image path is empty; give image files or folders")
         path = Path(item)
         if path.is_dir():
             paths.extend(sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p)))
@@ -113,8 +119,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from captcha_ocr.data.images import ImageError
     from captcha_ocr.predict import Recognizer
 
+    if args.batch_size <= 0:
+        raise CommandError(f"--batch-size must be positive, got {args.batch_size}")
     recognizer = Recognizer.load(args.model, device=args.device)
     paths = _expand_images(args.images)
+    if not paths:
+        raise CommandError(f"no images found in {', '.join(args.images)}")
     failures = 0
     for start in range(0, len(paths), args.batch_size):
         chunk = paths[start : start + args.batch_size]

@@ -151,9 +151,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
+    from captcha_ocr.cli import CommandError
     from captcha_ocr.export import VerificationError, export_onnx
 
     out = Path(args.out) if args.out else Path(args.model).with_suffix(".onnx")
+    if out.suffix.lower() != ".onnx":
+        raise CommandError(f"--out {out}: the output file must end in .onnx")
+    if out.exists() and out.resolve() == Path(args.model).resolve():
+        raise CommandError(f"--out {out} is the model file itself; choose another path")
+    if out.is_dir():
+        raise CommandError(f"--out {out} is a folder; give a file path ending in .onnx")
+    if not 7 <= args.opset <= 21:
+        raise CommandError(f"--opset {args.opset}: supported opsets are 7 to 21")
+    if not (args.tolerance > 0 and args.tolerance < float("inf")):
+        raise CommandError(f"--tolerance {args.tolerance}: must be a positive number")
     try:
         result = export_onnx(
             args.model, out, opset=args.opset, exporter=args.exporter, verify_data=args.verify_data,
@@ -168,6 +179,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------ serve
+def _port(text: str) -> int:
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be between 1 and 65535, got {port}")
+    return port
+
+
 def register_serve(commands: Any) -> None:
     parser = commands.add_parser(
         "serve", help="serve a model over HTTP (FastAPI)",
@@ -175,7 +193,7 @@ def register_serve(commands: Any) -> None:
     )
     parser.add_argument("model", metavar="MODEL", help="a .pth model or checkpoint, or an exported .onnx file")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    parser.add_argument("--port", type=_port, default=8000, help="TCP port, 1 to 65535 (default: 8000)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N for .pth models (default: cuda when available)")
     parser.add_argument("--max-upload-bytes", type=int, default=8 * 2**20, help="largest request body in bytes (default: 8388608)")
     parser.add_argument("--max-pixels", type=int, default=4_000_000, help="reject images with more pixels, before decoding them (default: 4000000)")

@@ -6,6 +6,7 @@ flags, in that order. :meth:`TrainConfig.validate` reports every problem at once
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -132,7 +133,7 @@ class TrainConfig:
         merged: dict[str, Any] = {}
         for layer in layers:
             merged.update({k: v for k, v in layer.items() if v is not None or k in ("charset", "max_time")})
-        config = cls(**merged)
+        config = cls(**_coerce_types(merged))
         config.validate()
         return config
 
@@ -143,6 +144,25 @@ class TrainConfig:
             value = getattr(self, spec.name)
             if choices and value not in choices:
                 problems.append(f"{spec.name}={value!r} is not one of {list(choices)}")
+        for name in ("lr", "weight_decay", "lr_factor", "min_lr", "grad_clip", "dropout", "val_split"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                problems.append(f"{name} must be a finite number, got {value}")
+        if self.weight_decay < 0 or self.min_lr < 0:
+            problems.append(f"weight_decay and min_lr must not be negative, got {self.weight_decay} and {self.min_lr}")
+        if not 0 <= self.seed < 2**32:
+            problems.append(f"seed must be between 0 and 2**32 - 1, got {self.seed}")
+        if self.threads > 1024:
+            problems.append(f"threads must be at most 1024, got {self.threads}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            problems.append(f"device {self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        if not self.output_dir.strip():
+            problems.append("output_dir is empty: give a folder such as outputs")
+        elif Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            problems.append(f"output_dir {self.output_dir!r} exists and is not a folder")
+        for name in ("data", "val"):
+            if any(not str(item).strip() for item in getattr(self, name)):
+                problems.append(f"{name} contains an empty path")
         positive = ("height", "width", "epochs", "batch_size", "sample_count", "synthetic_count", "rnn_hidden", "rnn_layers", "max_pixels")
         for name in positive:
             value = getattr(self, name)
@@ -198,6 +218,53 @@ class TrainConfig:
             else:
                 defaults[spec.name] = spec.default_factory()
         return defaults
+
+
+_SCALAR_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _coerce_types(values: dict[str, Any]) -> dict[str, Any]:
+    """Check each setting's type against TrainConfig's annotations (ints may stand for floats).
+
+    Settings from TOML or YAML files arrive untyped, so a quoted number or a
+    scalar where a list belongs is reported here instead of failing later.
+    """
+    problems = []
+    coerced = dict(values)
+    for spec in fields(TrainConfig):
+        if spec.name not in values:
+            continue
+        value = values[spec.name]
+        annotation = str(spec.type).replace(" | None", "")
+        optional = " | None" in str(spec.type)
+        if value is None and optional:
+            continue
+        if annotation.startswith("list["):
+            item_type = _SCALAR_TYPES[annotation[5:-1]]
+            if not isinstance(value, (list, tuple)) or not all(_fits(v, item_type) for v in value):
+                problems.append(f"{spec.name} must be a list of {annotation[5:-1]}, got {value!r}")
+            else:
+                coerced[spec.name] = [item_type(v) for v in value]
+            continue
+        expected = _SCALAR_TYPES[annotation]
+        if not _fits(value, expected):
+            problems.append(f"{spec.name} must be {'a' if expected is not int else 'an'} {annotation}, got {value!r}")
+        else:
+            coerced[spec.name] = expected(value)
+    unknown = sorted(set(values) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        problems.append(f"unknown settings {unknown}")
+    if problems:
+        raise ConfigError("invalid training configuration: " + "; ".join(problems))
+    return coerced
+
+
+def _fits(value: Any, expected: type) -> bool:
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
 
 
 def parse_length_range(text: str | int) -> tuple[int, int]:

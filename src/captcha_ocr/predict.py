@@ -42,7 +42,12 @@ class _TorchBackend:
         from captcha_ocr.model import CRNN, ModelConfig
 
         self.torch = torch
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        except RuntimeError:
+            raise ValueError(f"invalid device {device!r}: use cpu, cuda or cuda:N") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine; use cpu")
         self.model = CRNN(ModelConfig.from_dict(payload["model_config"]))
         self.model.load_state_dict(payload["model_state"])
         self.model.to(self.device).eval()
@@ -59,9 +64,13 @@ class _OnnxBackend:
 
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3
-        self.session = onnxruntime.InferenceSession(
-            str(path), sess_options=options, providers=["CPUExecutionProvider"]
-        )
+        try:
+            self.session = onnxruntime.InferenceSession(
+                str(path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"{path}: not a valid ONNX model ({first_line})") from None
         self.input_name = self.session.get_inputs()[0].name
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
 
@@ -82,6 +91,8 @@ class Recognizer:
     def load(cls, path: str | os.PathLike, device: str | None = None) -> Recognizer:
         """Load a ``.pth`` model or checkpoint file, or an exported ``.onnx`` file."""
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"{path}: a folder, not a model file; give a .pth or .onnx file")
         if not path.is_file():
             raise FileNotFoundError(f"{path}: model file not found")
         if path.suffix.lower() == ".onnx":
@@ -99,6 +110,8 @@ class Recognizer:
         payload = load_checkpoint(path)
         try:
             backend = _TorchBackend(payload, device)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
         except (KeyError, TypeError, RuntimeError) as error:
             first_line = str(error).strip().splitlines()[0]
             raise CheckpointError(

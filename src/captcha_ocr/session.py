@@ -9,6 +9,7 @@ whether it completed, failed or was interrupted.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import re
@@ -121,6 +122,10 @@ def select_device(request: str, context: DistributedContext) -> torch.device:
     device = torch.device(request)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {request}: CUDA is not available on this machine; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {request}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {request}: Apple MPS is not available on this machine; use --device cpu or auto")
     if device.type == "cuda" and context.enabled and device.index is None:
         device = torch.device("cuda", context.local_rank)
     return device
@@ -134,6 +139,19 @@ def _check_precision(config: TrainConfig, device: torch.device) -> None:
         )
     if config.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"--precision bf16 is not supported by {torch.cuda.get_device_name(device)}; use fp16")
+
+
+def _preflight(config: TrainConfig, context: DistributedContext) -> None:
+    """Check what can be checked before a session ID, log file or run folder exists.
+
+    A typo in a path or an unusable device then ends with one line and leaves no
+    failed run behind.
+    """
+    device = select_device(config.device, context)
+    _check_precision(config, device)
+    for source in [*config.data, *config.val]:
+        if not Path(source).exists():
+            raise SourceError(f"{source}: data source not found; give a folder of images or a manifest file")
 
 
 def _system_info(device: torch.device, context: DistributedContext) -> dict[str, Any]:
@@ -211,6 +229,8 @@ def _train(
 ) -> TrainResult:
     payload = None
     ignored: list[str] = []
+    if resume is not None and not resume.strip():
+        raise ConfigError("--resume needs a run ID, a unique ID prefix, 'latest', a run folder or a checkpoint file")
     if resume:
         checkpoint_path = find_resume_checkpoint(resume, config.output_dir)
         payload = load_checkpoint(checkpoint_path)
@@ -224,8 +244,10 @@ def _train(
         saved.update({k: v for k, v in overrides.items() if k in RESUME_OVERRIDABLE})
         saved["output_dir"] = config.output_dir
         config = TrainConfig.build(saved)
+        _preflight(config, context)
         session_id = payload["session_id"]
     else:
+        _preflight(config, context)
         session_id = None
         if context.is_main:
             root = Path(config.output_dir)
@@ -400,6 +422,12 @@ def _restore_record(trainer: Trainer, run: RunFolder | None, paths: SessionPaths
 def _finish(trainer: Trainer, prepared: PreparedData, paths: SessionPaths, result: TrainResult, started: float) -> None:
     best_path = paths.run_dir / "checkpoints" / "best.pt"
     best_payload = load_checkpoint(best_path)
+    best_loss = best_payload.get("metrics", {}).get("val_loss", math.nan)
+    if not math.isfinite(best_loss):
+        raise TrainingError(
+            f"no epoch reached a finite validation loss (best: {best_loss}), so no model file was written "
+            "and captcha_model_latest.pth was left as it was; lower --lr or check the data"
+        )
     model_payload = {k: v for k, v in best_payload.items() if k not in _TRAINING_ONLY and k not in ("format", "format_version")}
     model_payload["kind"] = "model"
     model_path = save_atomic(model_payload, paths.models / f"captcha_model_{paths.session_id}.pth")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from tqdm import tqdm
 from captcha_ocr.charset import resolve_charset
 
 logger = logging.getLogger(__name__)
+
+MAX_COUNT = 10_000_000
+MAX_SIDE = 4096
 
 # Characters the default label rule and file systems treat specially.
 UNSAFE_FILE_NAME_CHARS = set("_-./\\:*?\"<>|")
@@ -34,15 +38,25 @@ class GenerateSettings:
     seed: int = 0
 
 
-def make_labels(settings: GenerateSettings) -> list[str]:
-    """Draw ``count`` labels from the seeded generator; pixels are not involved."""
+def make_labels(settings: GenerateSettings) -> Iterator[str]:
+    """Draw ``count`` labels from the seeded generator, one at a time; pixels are not involved."""
     alphabet = resolve_charset(settings.charset)
     rng = random.Random(settings.seed)
-    labels = []
     for _ in range(settings.count):
         length = rng.randint(settings.min_length, settings.max_length)
-        labels.append("".join(rng.choice(alphabet) for _ in range(length)))
-    return labels
+        yield "".join(rng.choice(alphabet) for _ in range(length))
+
+
+def check_settings(settings: GenerateSettings) -> None:
+    """Reject settings that cannot produce images, or would exhaust memory or disk."""
+    if not 1 <= settings.count <= MAX_COUNT:
+        raise ValueError(f"count must be between 1 and {MAX_COUNT}, got {settings.count}")
+    for name in ("width", "height"):
+        value = getattr(settings, name)
+        if not 16 <= value <= MAX_SIDE:
+            raise ValueError(f"{name} must be between 16 and {MAX_SIDE} pixels, got {value}")
+    if not 1 <= settings.min_length <= settings.max_length <= 64:
+        raise ValueError(f"label length must be between 1 and 64, got {settings.min_length}-{settings.max_length}")
 
 
 def generate(out_dir: Path, settings: GenerateSettings, progress: bool = True) -> Path:
@@ -56,14 +70,13 @@ def generate(out_dir: Path, settings: GenerateSettings, progress: bool = True) -
     unsafe = sorted(set(alphabet) & UNSAFE_FILE_NAME_CHARS)
     if unsafe:
         raise ValueError(f"charset characters {unsafe} cannot appear in file names; leave them out of --charset")
-    if settings.count <= 0:
-        raise ValueError(f"count must be positive, got {settings.count}")
+    check_settings(settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     drawer = ImageCaptcha(width=settings.width, height=settings.height)
     labels = make_labels(settings)
     digits = len(str(settings.count - 1))
     rows = []
-    bar = tqdm(labels, desc="Generating", unit="img", disable=not progress, leave=False)
+    bar = tqdm(labels, total=settings.count, desc="Generating", unit="img", disable=not progress, leave=False)
     for index, label in enumerate(bar):
         name = f"{label}_{index:0{digits}d}.png"
         drawer.generate_image(label).save(out_dir / name)

@@ -119,6 +119,25 @@ def _filter_labels(
     return kept
 
 
+def _drop_duplicates(samples: list[Sample], seen: dict[Path, str], skipped: _SkipList) -> list[Sample]:
+    """Keep the first mention of each file; later ones (in any split) are skipped with the reason.
+
+    ``seen`` carries the files already taken across calls, so a file cannot be
+    in both the training and the validation data.
+    """
+    kept = []
+    for sample in samples:
+        key = sample.path.resolve()
+        if key in seen:
+            first = seen[key]
+            detail = f"the same label {first!r}" if first == sample.label else f"label {first!r}, not {sample.label!r}"
+            skipped.add([(sample.path, f"file listed more than once, first with {detail}")])
+            continue
+        seen[key] = sample.label
+        kept.append(sample)
+    return kept
+
+
 def too_long_message(sample: Sample, needed: int, steps: int, width: int) -> str:
     repeats = needed - len(sample.label)
     return (
@@ -165,6 +184,8 @@ def _prepare(
     collected = _collect(train_sources, config)
     skipped.add(collected.skipped)
     found = len(collected.samples) + len(collected.skipped)
+    seen: dict[Path, str] = {}
+    collected.samples = _drop_duplicates(collected.samples, seen, skipped)
 
     fixed = alphabet or (resolve_charset(config.charset) if config.charset else None)
     codec = Codec(fixed) if fixed else None
@@ -176,6 +197,7 @@ def _prepare(
         val_collected = _collect(list(config.val), config)
         skipped.add(val_collected.skipped)
         found += len(val_collected.samples) + len(val_collected.skipped)
+        val_collected.samples = _drop_duplicates(val_collected.samples, seen, skipped)
         val_samples = _filter_labels(val_collected.samples, codec, steps, config, skipped)
         val, failed = decode_samples(val_samples, preprocessing, cache_dir, progress, "Decoding validation images")
         skipped.add(failed)
@@ -184,7 +206,10 @@ def _prepare(
     else:
         if len(decoded) < 2:
             raise DataError(_nothing_left(train_sources, found, len(decoded), "at least 2 are needed to split off validation"))
-        train_index, val_index = split_indices(len(decoded), config.val_split, config.seed)
+        try:
+            train_index, val_index = split_indices(len(decoded), config.val_split, config.seed)
+        except ValueError as error:
+            raise DataError(f"{error}; lower --val-split ({config.val_split}) or add images") from None
         train, val = decoded.subset(train_index), decoded.subset(val_index)
         from_split = True
 
@@ -249,6 +274,8 @@ def _reason_kind(reason: str) -> str:
         return "decompression bomb refused"
     if reason.startswith("not an image file"):
         return "not an image file"
+    if reason.startswith("file listed more than once"):
+        return "file listed more than once"
     return reason.split(":")[0].split("(")[0].strip()
 
 
