@@ -14,6 +14,7 @@ decoded texts are equal and the logits agree within a tolerance.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -175,10 +176,16 @@ def _write_graph(model: CRNN, path: Path, opset: int, exporter: str) -> str:
     dynamo exporter when it fails. On this CRNN both exporters map the
     recurrent layers (nn.GRU or nn.LSTM) onto ONNX GRU or LSTM nodes and match
     PyTorch to about 1e-7 (measured with torch 2.13). The TorchScript exporter
-    takes well under a second and needs no onnxscript. The dynamo exporter took
+    takes well under a second and needs onnx but no onnxscript. The dynamo exporter took
     15 to 35 s on two CPU cores. TorchScript export is deprecated upstream, so
     ``auto`` falls back to dynamo, and ``--exporter dynamo`` selects it directly.
     """
+    missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ExportError(
+            f"ONNX export needs the {' and '.join(missing)} package(s): "
+            "pip install 'captcha-ocr[export]' (from a checkout: pip install -e '.[export]')"
+        )
     config = model.config
     # Batch 2, not 1: a batch of 1 lets the tracer fold the batch size into reshapes.
     example = torch.zeros(2, 1, config.height, config.width)

@@ -88,6 +88,7 @@ def ensure_synthetic_set(config: TrainConfig, progress: bool) -> Path:
     partial = folder.with_name(folder.name + ".partial")
     generate(partial, settings, progress=progress)
     partial.rename(folder)
+    logger.info("Generated data set ready in %s", folder)
     return manifest
 
 

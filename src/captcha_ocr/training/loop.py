@@ -194,7 +194,8 @@ class Trainer:
 
     def _stop_reason_before_epoch(self, budget: float | None) -> str:
         if self.state.epoch >= self.config.epochs:
-            return f"reached the maximum of {self.config.epochs} epochs"
+            epochs = self.config.epochs
+            return f"reached the maximum of {epochs} epoch{'s' if epochs != 1 else ''}"
         if budget is not None and self.state.history:
             last = self.state.history[-1]["epoch_time"]
             if self.state.elapsed + last > budget:
