@@ -71,6 +71,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         explicit.pop("data", None)
     file_values = TrainConfig.from_file(args.config) if args.config else {}
     config = TrainConfig.build(file_values, explicit)
+    if not config.data and not args.resume and "epochs" not in explicit and "epochs" not in file_values:
+        # The built-in demonstration stops sooner than training on real data would.
+        config = TrainConfig.build(config.to_dict(), {"epochs": config.synthetic_epochs})
     result = train(
         config, resume=args.resume, overrides=explicit, argv=sys.argv,
         progress=False if args.no_progress else None,

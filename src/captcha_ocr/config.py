@@ -61,7 +61,7 @@ class TrainConfig:
     path_column: str | None = _option(None, "manifest column holding image paths (default: detected)")
     label_column: str | None = _option(None, "manifest column holding labels (default: detected)")
     height: int = _option(48, "image height in pixels after resizing (a multiple of 16)")
-    width: int = _option(160, "image width in pixels after resizing; the model emits width/16 output steps, one per label character at most")
+    width: int = _option(192, "image width in pixels after resizing; the model emits width/16 output steps, and a label needs one per character plus one between equal neighbours")
     epochs: int = _option(60, "maximum number of epochs")
     batch_size: int = _option(32, "images per optimizer step on each process")
     lr: float = _option(3e-3, "peak learning rate of Adam")
@@ -74,7 +74,7 @@ class TrainConfig:
     augment: str = _option("auto", "augmentation: on, off, or auto (on for sets under 20000 images)",
                            choices=("auto", "on", "off"))
     early_stop_patience: int = _option(0, "stop after this many epochs without a better validation accuracy; 0: off")
-    max_time: str | None = _option(None, "time budget for training, such as 30m or 2h; the run stops after the epoch that passes it")
+    max_time: str | None = _option(None, "time budget for training, such as 30m or 2h (default: none); no epoch starts that would end past it")
     device: str = _option("auto", "auto, cpu, cuda or cuda:N")
     precision: str = _option("fp32", "fp32, or bf16/fp16 mixed precision on CUDA", choices=("fp32", "bf16", "fp16"))
     threads: int = _option(0, "CPU threads for PyTorch; 0: one per core (per process under torchrun)")
@@ -89,9 +89,10 @@ class TrainConfig:
         choices=("error", "skip"),
     )
     sample_count: int = _option(6, "fixed validation samples whose predictions are logged each epoch")
-    synthetic_count: int = _option(8000, "images in the generated set used when no data is given")
+    synthetic_count: int = _option(3000, "images in the generated set used when no data is given")
     synthetic_length: str = _option("4", "label length of the generated set, such as 4 or 4-6")
     synthetic_charset: str = _option("digits", "charset of the generated set")
+    synthetic_epochs: int = _option(15, "maximum epochs on the generated set when neither --epochs nor DATA is given")
     tensorboard: bool = _option(False, "also write TensorBoard scalars to the run folder")
 
     @classmethod
@@ -163,7 +164,7 @@ class TrainConfig:
         for name in ("data", "val"):
             if any(not str(item).strip() for item in getattr(self, name)):
                 problems.append(f"{name} contains an empty path")
-        positive = ("height", "width", "epochs", "batch_size", "sample_count", "synthetic_count", "rnn_hidden", "rnn_layers", "max_pixels")
+        positive = ("height", "width", "epochs", "synthetic_epochs", "batch_size", "sample_count", "synthetic_count", "rnn_hidden", "rnn_layers", "max_pixels")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

@@ -18,7 +18,7 @@ class ModelConfig:
 
     num_classes: int
     height: int = 48
-    width: int = 160
+    width: int = 192
     channels: tuple[int, ...] = field(default=(32, 64, 96, 96, 128))
     rnn_hidden: int = 128
     rnn_layers: int = 2
@@ -60,9 +60,9 @@ def _conv_block(in_channels: int, out_channels: int) -> list[nn.Module]:
 class CRNN(nn.Module):
     """Grey images (N, 1, H, W) in, per-step class logits (T, N, C) out, T = W // 16.
 
-    The CNN pools the width down to one output step per 16 pixels: 10 steps at
-    width 160, enough for labels of up to 10 characters (fewer when neighbours
-    repeat). Few steps per character shorten the CTC plateau, where the model
+    The CNN pools the width down to one output step per 16 pixels: 12 steps at
+    the default width of 192, enough for labels of up to 12 characters (fewer
+    when neighbours repeat). Few steps per character shorten the CTC plateau, where the model
     emits only blanks, far more than any optimizer setting we tried: on
     captcha_images_v2 after 150 steps of batch 32, 10 output steps reached loss
     1.88 and 8.7% accuracy while 20 steps were still at loss 3.10 and 0%.
