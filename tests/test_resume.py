@@ -112,7 +112,7 @@ def test_killed_run_resumes_where_it_stopped(images, tmp_path):
     # The run keeps the batch size it was trained with, and a warning names the ignored flag.
     (ignored,) = [m for level, m in proc.messages(log_file) if level == "WARNING"]
     assert ignored.startswith("Ignored on resume, the run keeps the values it was trained with: --batch-size (")
-    assert lines[resumed_at:].count("Batch size: 8 per process x 1 processes = 8") == 1
+    assert lines[resumed_at:].count("Batch size: 8 per process x 1 process = 8") == 1
 
     summary = proc.read_json(run_dir / "summary.json")
     assert summary["status"] == "completed"

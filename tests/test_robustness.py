@@ -15,7 +15,7 @@ import torch
 
 from captcha_ocr import cli
 from captcha_ocr.checkpoint import CheckpointError, load_checkpoint, save_atomic
-from captcha_ocr.config import TrainConfig
+from captcha_ocr.config import ConfigError, TrainConfig
 from captcha_ocr.data.images import ImageError, Preprocessing, load_image
 from captcha_ocr.model import CRNN, output_steps
 from captcha_ocr.predict import Recognizer
@@ -400,7 +400,10 @@ def test_max_epochs_is_an_alias_of_epochs(images, tmp_path, capsys):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_is_refused_on_the_cpu(images, tmp_path, precision):
-    result = train(tiny([images], tmp_path, precision=precision, device="cpu"), console=False, progress=False)
-    assert (result.status, result.exit_code) == ("failed", 2)
-    assert f"--precision {precision}" in result.error
-    assert "--precision fp32 on the CPU" in result.error
+    config = tiny([images], tmp_path, precision=precision, device="cpu")
+    with pytest.raises(ConfigError) as raised:
+        train(config, console=False, progress=False)
+    assert f"--precision {precision}" in str(raised.value)
+    assert "--precision fp32 on the CPU" in str(raised.value)
+    # Refused before the session starts, so no failed run is left behind.
+    assert not (Path(config.output_dir) / "runs").exists() or not any((Path(config.output_dir) / "runs").iterdir())

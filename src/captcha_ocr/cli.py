@@ -210,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (CommandError, FileNotFoundError, ValueError) as error:
-        print(f"captcha-ocr {args.command}: error: {error}", file=sys.stderr)
+        # Under torchrun every rank meets the same input error; one of them reports it.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"captcha-ocr {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"captcha-ocr {args.command}: interrupted", file=sys.stderr)
