@@ -214,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"captcha-ocr {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except (IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError) as error:
+        print(f"captcha-ocr {args.command}: error: {error.filename}: {error.strerror}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"captcha-ocr {args.command}: interrupted", file=sys.stderr)
         return 130

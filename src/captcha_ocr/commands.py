@@ -107,6 +107,8 @@ def _cmd_runs(args: argparse.Namespace) -> int:
         lines = runs.compare_lines(records, only_differences=args.differences)
     else:
         out = Path(args.out) if args.out else Path(args.output_dir) / "curves.png"
+        if out.is_dir():
+            raise ValueError(f"--out {out} is a folder; give a file path such as {out / 'curves.png'}")
         try:
             written, left_out = runs.plot_runs(runs.load_runs(runs_dir, args.runs), out)
         except RuntimeError as error:
