@@ -133,7 +133,10 @@ def test_show_latest_and_prefix(two_runs, capsys):
     assert str(results[1].run_dir / "samples") in out
 
     first = results[0].session_id
-    prefix = next(first[:n] for n in range(8, len(first) + 1) if not results[1].session_id.startswith(first[:n]))
+    # Two runs started in the same second share every prefix of the first ID, so
+    # the full ID (an exact match wins over prefixes) stands in for a prefix.
+    prefixes = (first[:n] for n in range(8, len(first) + 1) if not results[1].session_id.startswith(first[:n]))
+    prefix = next(prefixes, first)
     code, out, _ = runs_cli(capsys, output, "show", prefix)
     assert code == 0
     assert out.startswith(f"Run {first}\n")

@@ -47,8 +47,21 @@ def init_distributed(device_request: str) -> DistributedContext:
 
 
 def shutdown_distributed(context: DistributedContext) -> None:
-    if context.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+    """Wait for every rank, then leave the process group.
+
+    Rank 0 writes the final model and summary after the last collective; a rank
+    that tore down its Gloo connections meanwhile was seen to abort with
+    "terminate called without an active exception". The barrier keeps all
+    ranks until rank 0 is done. If a peer is already gone, the barrier fails
+    and the group is destroyed anyway.
+    """
+    if not (context.enabled and dist.is_initialized()):
+        return
+    try:
+        dist.barrier()
+    except RuntimeError:
+        pass
+    dist.destroy_process_group()
 
 
 def broadcast_object(value: Any, context: DistributedContext) -> Any:
