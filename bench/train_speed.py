@@ -157,6 +157,8 @@ def count_flops(contender: Contender) -> dict[str, float]:
 
     The count runs on a CPU copy because the CUDA GRU is one cuDNN call that
     FlopCounterMode cannot see into, while the CPU GRU decomposes into counted matmuls.
+    NOTE: PyTorch 2.13 runs a CPU LSTM as fused oneDNN calls that FlopCounterMode
+    counts as 0, so our model's LSTM layers are missing from its count.
     Counted FLOPs (convolutions and matmuls) grow linearly with the batch, so
     two images give the per-image figure at a fraction of the counter's cost.
     """
