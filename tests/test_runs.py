@@ -134,7 +134,7 @@ def test_show_latest_and_prefix(two_runs, capsys):
 
     first = results[0].session_id
     # Two runs started in the same second share every prefix of the first ID, so
-    # the full ID (an exact match wins over prefixes) stands in for a prefix.
+    # the full ID (an exact match wins over prefixes) is used in place of a prefix.
     prefixes = (first[:n] for n in range(8, len(first) + 1) if not results[1].session_id.startswith(first[:n]))
     prefix = next(prefixes, first)
     code, out, _ = runs_cli(capsys, output, "show", prefix)

@@ -111,7 +111,7 @@ class Codec:
     def decode_greedy(self, probs: np.ndarray) -> list[tuple[str, float]]:
         """Decode a batch of per-step class probabilities with the best path.
 
-        ``probs`` has shape (T, N, C) and holds probabilities (softmax output).
+        ``probs`` has shape (T, N, C) and contains probabilities (softmax output).
         Confidence is the product of the best-path probabilities over the steps
         that emit a character, so a blank-heavy but certain read scores near 1;
         an empty read gets the mean blank probability.

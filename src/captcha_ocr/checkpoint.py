@@ -22,7 +22,7 @@ FORMAT_VERSION = 1
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message says which file and why."""
+    """A checkpoint that cannot be used; the message names the file and the reason."""
 
 
 def save_atomic(payload: dict[str, Any], path: str | os.PathLike) -> Path:

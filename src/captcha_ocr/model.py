@@ -62,11 +62,12 @@ class CRNN(nn.Module):
 
     The CNN pools the width down to one output step per 16 pixels: 12 steps at
     the default width of 192, enough for labels of up to 12 characters (fewer
-    when neighbours repeat). Few steps per character shorten the CTC plateau, where the model
-    emits only blanks, far more than any optimizer setting we tried: on
-    captcha_images_v2 after 150 steps of batch 32, 10 output steps reached loss
-    1.88 and 8.7% accuracy while 20 steps were still at loss 3.10 and 0%.
-    The recurrent layers are LSTMs, which PyTorch 2.13 runs faster than GRUs of
+    when neighbours repeat). Few steps per character shorten the CTC plateau,
+    where the model emits only blanks, more than any optimizer setting tried.
+    On captcha_images_v2 after 150 steps of batch 32, 10 output steps reached
+    loss 1.88 and 8.7% accuracy, while 20 steps were still at loss 3.10 and 0%.
+    But 10 steps at width 160 often read two equal neighbours as one, so the
+    default width gives 12. The recurrent layers are LSTMs, which PyTorch 2.13 runs faster than GRUs of
     the same size on a CPU (measured on a 2-core x86-64 machine).
     """
 
@@ -99,11 +100,10 @@ class CRNN(nn.Module):
             dropout=config.dropout if config.rnn_layers > 1 else 0.0,
         )
         self.classifier = nn.Linear(2 * config.rnn_hidden, config.num_classes)
-        # A direct path from the CNN features to the logits. CTC models sit for
-        # hundreds of steps on a plateau where they emit only blanks; this path
-        # lets the CNN learn characters before the LSTM does, which shortened
-        # that plateau on captcha_images_v2 (training loss at step 300: 2.69
-        # with it, 3.10 without, same seed and learning rate).
+        # A direct path from the CNN features to the logits, so the CNN can learn
+        # characters before the LSTM does. It shortened the all-blank plateau on
+        # captcha_images_v2: training loss at step 300 was 2.69 with it and 3.10
+        # without (20 output steps, same seed and learning rate).
         self.shortcut = nn.Linear(config.rnn_hidden, config.num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

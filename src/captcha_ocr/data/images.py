@@ -23,12 +23,12 @@ DEFAULT_MAX_PIXELS = 40_000_000
 
 
 class ImageError(ValueError):
-    """An input file that cannot be used as an image; the message says why."""
+    """An input file that cannot be used as an image; the message gives the reason."""
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How a file becomes model input; stored in every checkpoint and ONNX file."""
+    """Settings that turn a file into model input, stored in every checkpoint and ONNX file."""
 
     height: int = 64
     width: int = 192

@@ -247,7 +247,7 @@ def describe_split(data: DecodedSet) -> dict:
 
 
 def describe_data(prepared: PreparedData) -> dict:
-    """The contents of data.json: sources, counts, charset, label lengths, split hashes."""
+    """Build the contents of data.json: sources, counts, charset, label lengths, split hashes."""
     overlap = len({str(p) for p in prepared.train.paths} & {str(p) for p in prepared.val.paths})
     reasons = Counter(_reason_kind(reason) for _, reason in prepared.skipped)
     return {

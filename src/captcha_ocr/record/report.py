@@ -145,7 +145,7 @@ def log_saved(logger: logging.Logger, what: str, path: str) -> None:
 
 
 def log_summary(logger: logging.Logger, summary: Mapping[str, Any]) -> None:
-    """Write the closing summary; ``summary`` holds the keys documented below."""
+    """Write the closing summary; ``summary`` contains the keys read below."""
     logger.info("TRAINING SUMMARY:")
     final = summary.get("final")
     best = summary.get("best")

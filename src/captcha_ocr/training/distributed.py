@@ -49,11 +49,12 @@ def init_distributed(device_request: str) -> DistributedContext:
 def shutdown_distributed(context: DistributedContext) -> None:
     """Wait for every rank, then leave the process group.
 
-    Rank 0 writes the final model and summary after the last collective; a rank
-    that tore down its Gloo connections meanwhile was seen to abort with
-    "terminate called without an active exception". The barrier keeps all
-    ranks until rank 0 is done. If a peer is already gone, the barrier fails
-    and the group is destroyed anyway.
+    Rank 0 writes the final model and summary after the last collective, so the
+    barrier keeps the other ranks connected until it is done. If a peer is
+    already gone, the barrier fails and the group is destroyed anyway.
+    NOTE: workers still aborted now and then during interpreter teardown after
+    this point (Gloo, PyTorch 2.13), which is why ``__main__`` ends them with
+    ``os._exit``.
     """
     if not (context.enabled and dist.is_initialized()):
         return
@@ -85,7 +86,7 @@ def all_reduce_sum(values: list[float], context: DistributedContext, device: tor
 
 
 def all_reduce_max(value: int, context: DistributedContext, device: torch.device) -> int:
-    """The largest of one integer over all ranks."""
+    """Return the largest value of one integer over all ranks."""
     if not context.enabled:
         return value
     tensor = torch.tensor([value], dtype=torch.int64, device=device)

@@ -47,7 +47,7 @@ VALIDATION_BATCH = 256
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on; the message says why and where the last good checkpoint is."""
+    """Training cannot go on; the message gives the reason and the last good checkpoint."""
 
 
 @dataclass
