@@ -131,9 +131,12 @@ def test_final_metrics_match_last_checkpoint(two_process_run):
 
 
 def _validation_loss(recognizer: Recognizer, samples) -> float:
-    """Mean CTC loss per label character, as the training loop's validation computes it."""
+    """Mean CTC loss per label character of the output head, as the training loop's validation computes it."""
     pixels = np.stack([load_image(s.path, recognizer.preprocessing) for s in samples])
-    logits = torch.from_numpy(recognizer.backend.logits(to_model_input(pixels, recognizer.preprocessing)))
+    model = recognizer.backend.model
+    with torch.inference_mode():
+        coarse, fine = model(torch.from_numpy(to_model_input(pixels, recognizer.preprocessing)), both_heads=True)
+    logits = fine if model.fine_active else coarse
     log_probs = logits.float().log_softmax(2)  # (T, N, C)
     steps, count = log_probs.shape[:2]
     targets = [torch.tensor(recognizer.codec.encode(s.label)) for s in samples]

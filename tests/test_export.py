@@ -148,3 +148,30 @@ def test_export_cli_defaults_match_library():
         export.DEFAULT_OPSET, export.DEFAULT_TOLERANCE, export.DEFAULT_VERIFY_LIMIT, "auto",
     )
 
+
+
+def test_fine_head_model_exports_its_output(tiny_trained_model, tmp_path):
+    from captcha_ocr.checkpoint import save_atomic
+    from captcha_ocr.model import CRNN, ModelConfig
+
+    payload = load_checkpoint(tiny_trained_model.model)
+    model = CRNN(ModelConfig.from_dict(payload["model_config"]))
+    model.load_state_dict(payload["model_state"])
+    model.activate_fine_head()
+    # Move the fine head away from the coarse copy, so the check can tell the heads apart.
+    with torch.no_grad():
+        model.fine_classifier.bias.add_(torch.linspace(-1.0, 1.0, model.fine_classifier.bias.numel()))
+    fine_path = save_atomic({**payload, "model_state": model.state_dict()}, tmp_path / "fine.pth")
+    out = tmp_path / "fine.onnx"
+    export_onnx(fine_path, out)
+
+    torch_reader = Recognizer.load(fine_path, device="cpu")
+    onnx_reader = Recognizer.load(out)
+    paths = _val_images(tiny_trained_model.val_dir)
+    inputs = to_model_input(np.stack([onnx_reader.pixels(path) for path in paths]), onnx_reader.preprocessing)
+    expected = torch_reader.backend.logits(inputs)
+    model.eval()
+    with torch.inference_mode():
+        _, fine = model(torch.from_numpy(inputs), both_heads=True)
+    assert np.abs(expected - fine.numpy()).max() < 1e-5
+    assert np.abs(onnx_reader.backend.logits(inputs) - expected).max() < 1e-4

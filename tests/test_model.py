@@ -37,24 +37,77 @@ def test_too_long_label_stops_with_named_file(tmp_path):
     message = str(raised.value)
     assert "abcdefghijklmnopqrst.png" in message
     assert "20 characters" in message
-    assert "emits only 8" in message
-    assert "--width 320" in message
+    assert "emits only 16" in message
+    assert "--width 160" in message
     assert "--too-long-labels skip" in message
 
 
 def test_too_long_label_counts_repeats(tmp_path):
     folder = require(CASES / "repeated_chars")
-    # "xxxxx" needs 9 steps; width 128 gives 8.
-    config = _config(tmp_path, folder, width=128)
+    # "xxxxx" needs 9 steps; width 64 gives 8.
+    config = _config(tmp_path, folder, width=64)
     with pytest.raises(DataError, match="xxxxx"):
-        prepare_data(config, output_steps(128), Preprocessing(height=32, width=128), progress=False, warn=False)
+        prepare_data(config, output_steps(64), Preprocessing(height=32, width=64), progress=False, warn=False)
 
 
 def test_too_long_label_skip_mode(tmp_path):
     folder = require(CASES / "repeated_chars")
-    config = _config(tmp_path, folder, width=128, too_long_labels="skip")
-    prepared = prepare_data(config, output_steps(128), Preprocessing(height=32, width=128), progress=False, warn=False)
+    config = _config(tmp_path, folder, width=64, too_long_labels="skip")
+    prepared = prepare_data(config, output_steps(64), Preprocessing(height=32, width=64), progress=False, warn=False)
     skipped_names = [path.name for path, _ in prepared.skipped]
     assert skipped_names == ["xxxxx.png"]
     assert "needs 9 output steps" in prepared.skipped[0][1]
     assert len(prepared.train) + len(prepared.val) == 5
+
+
+def _small_model(**extra):
+    config = ModelConfig(num_classes=11, height=32, width=128, channels=(4, 4, 8, 8, 8), rnn_hidden=8, **extra)
+    return CRNN(config).eval()
+
+
+def test_heads_have_coarse_and_fine_steps():
+    model = _small_model()
+    coarse, fine = model(torch.zeros(2, 1, 32, 128), both_heads=True)
+    assert coarse.shape == (8, 2, 11)
+    assert fine.shape == (16, 2, 11)
+
+
+def test_coarse_output_repeats_each_step():
+    model = _small_model()
+    images = torch.randn(2, 1, 32, 128)
+    coarse, _ = model(images, both_heads=True)
+    output = model(images)
+    assert not model.fine_active
+    assert torch.equal(output[0::2], coarse)
+    assert torch.equal(output[1::2], coarse)
+
+
+def test_activated_fine_head_reads_like_coarse():
+    model = _small_model()
+    images = torch.randn(3, 1, 32, 128)
+    before = model(images)
+    model.activate_fine_head()
+    after = model(images)
+    assert model.fine_active
+    assert torch.allclose(before, after, atol=1e-5)
+
+
+def test_fine_head_flag_survives_state_dict():
+    model = _small_model()
+    model.activate_fine_head()
+    restored = _small_model()
+    restored.load_state_dict(model.state_dict())
+    assert restored.fine_active
+
+
+def test_model_without_fine_head_loads():
+    # The layout of models saved before the fine head: one step per column and no flag buffer.
+    old = _small_model(steps_per_column=1)
+    state = {key: value for key, value in old.state_dict().items() if key != "fine_head_active"}
+    values = old.config.to_dict()
+    del values["steps_per_column"]
+    restored = CRNN(ModelConfig.from_dict(values)).eval()
+    restored.load_state_dict(state)
+    images = torch.randn(2, 1, 32, 128)
+    assert restored(images).shape == (output_steps(128, 1), 2, 11)
+    assert torch.equal(restored(images), old(images))

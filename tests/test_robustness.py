@@ -90,17 +90,19 @@ def _poison_training_forward(
     original = CRNN.forward
     calls = 0
 
-    def forward(self, images):
+    def forward(self, images, both_heads=False):
         nonlocal calls
-        logits = original(self, images)
+        outputs = original(self, images, both_heads=both_heads)
         if not self.training:
-            return logits
+            return outputs
+        # Training asks for both heads; the coarse head is the one it learns first.
+        coarse, fine = outputs
         calls += 1
         if calls in nan_calls or (nan_from is not None and calls >= nan_from):
-            return logits * float("nan")
+            return coarse * float("nan"), fine
         if calls in inf_gradient_calls:
-            logits.register_hook(lambda grad: grad * float("inf"))
-        return logits
+            coarse.register_hook(lambda grad: grad * float("inf"))
+        return coarse, fine
 
     monkeypatch.setattr(CRNN, "forward", forward)
 

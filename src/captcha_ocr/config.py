@@ -61,7 +61,7 @@ class TrainConfig:
     path_column: str | None = _option(None, "manifest column holding image paths (default: detected)")
     label_column: str | None = _option(None, "manifest column holding labels (default: detected)")
     height: int = _option(48, "image height in pixels after resizing (a multiple of 16)")
-    width: int = _option(192, "image width in pixels after resizing; the model emits width/16 output steps, and a label needs one per character plus one between equal neighbours")
+    width: int = _option(192, "image width in pixels after resizing; the model emits width/8 output steps (counted in whole 16-pixel columns), and a label needs one per character plus one between equal neighbours")
     epochs: int = _option(60, "maximum number of epochs")
     batch_size: int = _option(32, "images per optimizer step on each process")
     lr: float = _option(3e-3, "peak learning rate of Adam")
@@ -69,6 +69,9 @@ class TrainConfig:
     warmup_steps: int = _option(100, "optimizer steps of linear learning-rate warm-up from lr/10")
     lr_factor: float = _option(0.5, "ReduceLROnPlateau: factor applied to the learning rate")
     lr_patience: int = _option(3, "ReduceLROnPlateau: epochs without validation-loss improvement before reducing")
+    lr_threshold: float = _option(
+        1e-4, "ReduceLROnPlateau: relative drop of the validation loss that counts as an improvement"
+    )
     min_lr: float = _option(1e-5, "ReduceLROnPlateau: lowest learning rate")
     grad_clip: float = _option(5.0, "maximum gradient norm; 0 disables clipping")
     augment: str = _option("auto", "augmentation: on, off, or auto (on for sets under 20000 images)",
@@ -83,6 +86,11 @@ class TrainConfig:
     rnn_hidden: int = _option(128, "hidden units per direction of the LSTM")
     rnn_layers: int = _option(2, "number of bidirectional LSTM layers")
     dropout: float = _option(0.2, "dropout before and between the LSTM layers")
+    fine_head_at: float = _option(
+        0.5,
+        "validation accuracy at which the output switches from the coarse head (width/16 steps) "
+        "to the fine head (width/8 steps); 0: after the first epoch",
+    )
     max_pixels: int = _option(DEFAULT_MAX_PIXELS, "images with more pixels are refused before decoding")
     too_long_labels: str = _option(
         "error", "labels the model cannot emit at this width: error (stop before training) or skip",
@@ -145,7 +153,7 @@ class TrainConfig:
             value = getattr(self, spec.name)
             if choices and value not in choices:
                 problems.append(f"{spec.name}={value!r} is not one of {list(choices)}")
-        for name in ("lr", "weight_decay", "lr_factor", "min_lr", "grad_clip", "dropout", "val_split"):
+        for name in ("lr", "weight_decay", "lr_factor", "min_lr", "grad_clip", "dropout", "val_split", "fine_head_at", "lr_threshold"):
             value = getattr(self, name)
             if not math.isfinite(value):
                 problems.append(f"{name} must be a finite number, got {value}")
@@ -181,6 +189,10 @@ class TrainConfig:
             problems.append(f"lr_factor must be in (0, 1), got {self.lr_factor}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.lr_threshold < 1.0:
+            problems.append(f"lr_threshold must be in [0, 1), got {self.lr_threshold}")
+        if not 0.0 <= self.fine_head_at <= 1.0:
+            problems.append(f"fine_head_at must be in [0, 1], got {self.fine_head_at}")
         for name in ("warmup_steps", "lr_patience", "early_stop_patience", "threads"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")

@@ -175,17 +175,17 @@ def _decode(samples: Sequence[Sample], preprocessing: Preprocessing) -> tuple[li
     return [pixels for pixels, _ in results], [reason for _, reason in results]
 
 
-def _filter_like_training(samples: list[Sample], alphabet: str, preprocessing: Preprocessing, explicit_charset: bool) -> tuple[list[Sample], list[tuple[Path, str]]]:
+def _filter_like_training(
+    samples: list[Sample], alphabet: str, steps: int, explicit_charset: bool
+) -> tuple[list[Sample], list[tuple[Path, str]]]:
     """Drop the labels that training drops before it splits, in the same order.
 
     Training drops labels outside an explicit charset and labels too long for
     the model's output steps (or stops on them, in which case none exist).
     """
     from captcha_ocr.charset import Codec, min_ctc_steps
-    from captcha_ocr.model import output_steps
 
     codec = Codec(alphabet)
-    steps = output_steps(preprocessing.width)
     kept: list[Sample] = []
     skipped: list[tuple[Path, str]] = []
     for sample in samples:
@@ -200,9 +200,17 @@ def _filter_like_training(samples: list[Sample], alphabet: str, preprocessing: P
 
 
 def load_evaluation_data(
-    sources: Sequence[str | Path], preprocessing: Preprocessing, alphabet: str, resolved: ResolvedSettings
+    sources: Sequence[str | Path],
+    preprocessing: Preprocessing,
+    alphabet: str,
+    resolved: ResolvedSettings,
+    steps_per_column: int = 1,
 ) -> EvaluationData:
-    """Collect and decode the images; with ``val_split`` keep only the held-out part."""
+    """Collect and decode the images; with ``val_split`` keep only the held-out part.
+
+    ``steps_per_column`` is the model's setting, which decides which labels
+    training dropped as too long before it split.
+    """
     collected = collect(
         sources, label_pattern=resolved.label_pattern, ignore_case=resolved.ignore_case,
         path_column=resolved.path_column, label_column=resolved.label_column,
@@ -211,7 +219,10 @@ def load_evaluation_data(
     found = len(collected.samples) + len(collected.skipped)
     samples = collected.samples
     if resolved.val_split is not None:
-        samples, dropped = _filter_like_training(samples, alphabet, preprocessing, resolved.explicit_charset)
+        from captcha_ocr.model import output_steps
+
+        steps = output_steps(preprocessing.width, steps_per_column)
+        samples, dropped = _filter_like_training(samples, alphabet, steps, resolved.explicit_charset)
         skipped += dropped
 
     decoded, reasons = _decode(samples, preprocessing)
@@ -449,7 +460,9 @@ def evaluate(
         logger.info("Training run found: %s (its label rule, case folding and seed are the defaults)", run_dir)
 
     began = time.perf_counter()
-    data = load_evaluation_data(sources, recognizer.preprocessing, recognizer.codec.alphabet, resolved)
+    model_config = recognizer.metadata.get("model_config") or {}
+    steps_per_column = model_config.get("steps_per_column", 1)
+    data = load_evaluation_data(sources, recognizer.preprocessing, recognizer.codec.alphabet, resolved, steps_per_column)
     decode_seconds = time.perf_counter() - began
     for path, reason in data.skipped:
         logger.warning("Skipped %s: %s", path, reason)

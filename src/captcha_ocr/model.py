@@ -10,6 +10,8 @@ from torch import nn
 # The CNN halves the height and the width four times each.
 HEIGHT_REDUCTION = 16
 WIDTH_REDUCTION = 16
+# The fine head emits this many output steps per CNN feature column.
+FINE_STEPS_PER_COLUMN = 2
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,9 @@ class ModelConfig:
     rnn_hidden: int = 128
     rnn_layers: int = 2
     dropout: float = 0.2
+    # 1: one output step per feature column only, the layout of models saved
+    # before the fine head existed; 2: a coarse head and a fine head.
+    steps_per_column: int = FINE_STEPS_PER_COLUMN
 
     def __post_init__(self) -> None:
         if len(self.channels) != 5:
@@ -31,6 +36,8 @@ class ModelConfig:
             raise ValueError(f"image height must be a multiple of {HEIGHT_REDUCTION}, got {self.height}")
         if self.width < WIDTH_REDUCTION * 2:
             raise ValueError(f"image width must be at least {WIDTH_REDUCTION * 2}, got {self.width}")
+        if self.steps_per_column not in (1, FINE_STEPS_PER_COLUMN):
+            raise ValueError(f"steps_per_column must be 1 or {FINE_STEPS_PER_COLUMN}, got {self.steps_per_column}")
 
     def to_dict(self) -> dict:
         values = asdict(self)
@@ -41,11 +48,18 @@ class ModelConfig:
     def from_dict(cls, values: dict) -> ModelConfig:
         values = dict(values)
         values["channels"] = tuple(values["channels"])
+        # Models saved before the fine head existed have no such key.
+        values.setdefault("steps_per_column", 1)
         return cls(**values)
 
 
-def output_steps(width: int) -> int:
-    """Number of CTC time steps the model emits for an input of this width."""
+def output_steps(width: int, steps_per_column: int = FINE_STEPS_PER_COLUMN) -> int:
+    """Return the number of CTC time steps the model emits for an input of this width."""
+    return width // WIDTH_REDUCTION * steps_per_column
+
+
+def coarse_output_steps(width: int) -> int:
+    """Return the number of time steps of the coarse head: one per feature column."""
     return width // WIDTH_REDUCTION
 
 
@@ -58,16 +72,27 @@ def _conv_block(in_channels: int, out_channels: int) -> list[nn.Module]:
 
 
 class CRNN(nn.Module):
-    """Grey images (N, 1, H, W) in, per-step class logits (T, N, C) out, T = W // 16.
+    """Grey images (N, 1, H, W) in, per-step class logits (T, N, C) out.
 
-    The CNN pools the width down to one output step per 16 pixels: 12 steps at
-    the default width of 192, enough for labels of up to 12 characters (fewer
-    when neighbours repeat). Few steps per character shorten the CTC plateau,
-    where the model emits only blanks, more than any optimizer setting tried.
-    On captcha_images_v2 after 150 steps of batch 32, 10 output steps reached
-    loss 1.88 and 8.7% accuracy, while 20 steps were still at loss 3.10 and 0%.
-    But 10 steps at width 160 often read two equal neighbours as one, so the
-    default width gives 12. The recurrent layers are LSTMs, which PyTorch 2.13 runs faster than GRUs of
+    The CNN pools the width down to one feature column per 16 pixels (12 at
+    the default width of 192), and two heads read the LSTM output:
+
+    - the coarse head emits one step per column. Few steps per character
+      shorten the CTC plateau, where the model emits only blanks: on
+      captcha_images_v2 after 150 steps of batch 32, 10 output steps reached
+      loss 1.88 and 8.7% accuracy while 20 steps were still at loss 3.10 and 0%.
+    - the fine head emits two steps per column (24 at width 192). Text that
+      fills only part of the image leaves the coarse head too few steps for a
+      blank between two equal neighbours, so it reads ``mddgb`` as ``mdgb``.
+
+    Training starts on the coarse head. :meth:`activate_fine_head` copies the
+    coarse head into both halves of the fine head, which then reads the same
+    text, and makes the fine head the model's output (see the training loop).
+    :meth:`forward` always returns ``output_steps(width)`` steps: while the
+    coarse head is the output, each of its steps is repeated, which decodes
+    to the same text with the same confidence.
+
+    The recurrent layers are LSTMs, which PyTorch 2.13 runs faster than GRUs of
     the same size on a CPU (measured on a 2-core x86-64 machine).
     """
 
@@ -99,21 +124,73 @@ class CRNN(nn.Module):
             bidirectional=True,
             dropout=config.dropout if config.rnn_layers > 1 else 0.0,
         )
+        # The coarse head. Its names predate the fine head, so older models load.
         self.classifier = nn.Linear(2 * config.rnn_hidden, config.num_classes)
         # A direct path from the CNN features to the logits, so the CNN can learn
         # characters before the LSTM does. It shortened the all-blank plateau on
         # captcha_images_v2: training loss at step 300 was 2.69 with it and 3.10
         # without (20 output steps, same seed and learning rate).
         self.shortcut = nn.Linear(config.rnn_hidden, config.num_classes)
+        self.has_fine_head = config.steps_per_column > 1
+        if self.has_fine_head:
+            split = config.steps_per_column
+            self.fine_classifier = nn.Linear(2 * config.rnn_hidden, config.num_classes * split)
+            self.fine_shortcut = nn.Linear(config.rnn_hidden, config.num_classes * split)
+        # A buffer, so checkpoints and exported models record which head is the output.
+        self.register_buffer("fine_head_active", torch.tensor(False))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        # Models saved before the buffer existed read with the coarse head.
+        state_dict.setdefault(prefix + "fine_head_active", torch.tensor(False))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def fine_active(self) -> bool:
+        return bool(self.fine_head_active)
+
+    def activate_fine_head(self) -> None:
+        """Start the fine head as a copy of the coarse head and make it the output."""
+        if not self.has_fine_head:
+            raise RuntimeError("this model has no fine head (steps_per_column is 1)")
+        split = self.config.steps_per_column
+        with torch.no_grad():
+            self.fine_classifier.weight.copy_(self.classifier.weight.repeat(split, 1))
+            self.fine_classifier.bias.copy_(self.classifier.bias.repeat(split))
+            self.fine_shortcut.weight.copy_(self.shortcut.weight.repeat(split, 1))
+            self.fine_shortcut.bias.copy_(self.shortcut.bias.repeat(split))
+            self.fine_head_active.fill_(True)
+
+    def heads(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return the coarse logits (T, N, C) and the fine logits (2T, N, C), or None without a fine head."""
         features = self.features(images)  # (N, C, H/16, W/16)
         n, c, h, w = features.shape
         # (N, C, h, T) -> (T, N, C*h): each column of the feature map is one step.
         sequence = features.permute(3, 0, 1, 2).reshape(w, n, c * h)
         projected = self.project(sequence)  # (T, N, hidden)
         context, _ = self.rnn(projected)  # (T, N, 2*hidden)
-        return self.classifier(context) + self.shortcut(projected)  # (T, N, classes)
+        coarse = self.classifier(context) + self.shortcut(projected)  # (T, N, classes)
+        if not self.has_fine_head:
+            return coarse, None
+        fine = self.fine_classifier(context) + self.fine_shortcut(projected)  # (T, N, split*classes)
+        split = self.config.steps_per_column
+        # Step t of column c is output step c*split + t.
+        fine = fine.view(w, n, split, -1).permute(0, 2, 1, 3).reshape(w * split, n, -1)
+        return coarse, fine
+
+    def forward(self, images: torch.Tensor, both_heads: bool = False):
+        """Return the output logits (T, N, C), or ``(coarse, fine)`` when ``both_heads`` is set.
+
+        ``both_heads`` exists for the training loss: it passes through
+        DistributedDataParallel, which a separate method would bypass.
+        """
+        coarse, fine = self.heads(images)
+        if both_heads:
+            return coarse, fine
+        if fine is None:
+            return coarse
+        repeated = coarse.repeat_interleave(self.config.steps_per_column, dim=0)
+        # torch.where keeps the choice inside the graph, so an exported model follows the buffer too.
+        return torch.where(self.fine_head_active, fine, repeated)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -34,7 +34,13 @@ from captcha_ocr.data.prepare import (
     skipped_by_reason,
 )
 from captcha_ocr.data.sources import SourceError
-from captcha_ocr.model import CRNN, ModelConfig, count_parameters, output_steps
+from captcha_ocr.model import (
+    CRNN,
+    FINE_STEPS_PER_COLUMN,
+    ModelConfig,
+    count_parameters,
+    output_steps,
+)
 from captcha_ocr.record import report
 from captcha_ocr.record.log import (
     get_package_logger,
@@ -326,7 +332,8 @@ def _setup(
     torch.manual_seed(config.seed)
     system = _system_info(device, context)
     preprocessing = Preprocessing(height=config.height, width=config.width, max_pixels=config.max_pixels)
-    steps = output_steps(config.width)
+    saved_model = ModelConfig.from_dict(payload["model_config"]) if payload else None
+    steps = output_steps(config.width, saved_model.steps_per_column if saved_model else FINE_STEPS_PER_COLUMN)
 
     if context.is_main:
         report.log_system_info(logger, system)
@@ -351,7 +358,8 @@ def _setup(
             )
         report.log_split(logger, len(prepared.train), len(prepared.val), prepared.from_split)
 
-    model_config = _model_config(config, prepared.codec.num_classes)
+    # A resumed session rebuilds the saved architecture, which may predate the fine head.
+    model_config = saved_model or _model_config(config, prepared.codec.num_classes)
     model = CRNN(model_config)
     augment_enabled = config.augment == "on" or (config.augment == "auto" and len(prepared.train) < 20_000)
     model_info = {
@@ -372,7 +380,10 @@ def _setup(
         progress=progress,
     )
     if context.is_main:
-        report.log_model(logger, len(prepared.codec.alphabet), count_parameters(model), steps, model_config.to_dict())
+        report.log_model(
+            logger, len(prepared.codec.alphabet), count_parameters(model), steps, model_config.to_dict(),
+            coarse_until=None if trainer.model.fine_active or not trainer.model.has_fine_head else config.fine_head_at,
+        )
         processes = "process" if context.world_size == 1 else "processes"
         batch = f"{config.batch_size} per process x {context.world_size} {processes} = {config.batch_size * context.world_size}"
         report.log_optimizer(logger, config.lr, config.weight_decay, config.lr_factor, config.lr_patience, config.warmup_steps, batch)

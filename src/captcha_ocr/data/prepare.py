@@ -141,10 +141,12 @@ def _drop_duplicates(samples: list[Sample], seen: dict[Path, str], skipped: _Ski
 
 def too_long_message(sample: Sample, needed: int, steps: int, width: int) -> str:
     repeats = needed - len(sample.label)
+    # The model's steps grow in proportion to the width in multiples of 16 pixels.
+    suggested = -(-math.ceil(needed * width / steps) // 16) * 16
     return (
         f"{sample.path}: label {sample.label!r} ({len(sample.label)} characters, {repeats} repeated "
         f"neighbours) needs {needed} CTC output steps, but the model emits only {steps} at --width {width}. "
-        f"Train with --width {math.ceil(needed * width / steps)} or more, "
+        f"Train with --width {suggested} or more, "
         "or leave such files out with --too-long-labels skip"
     )
 

@@ -90,11 +90,21 @@ def log_split(logger: logging.Logger, train_count: int, val_count: int, from_spl
     logger.info("   Ratio: %.1f%% / %.1f%% (%s)", 100 * train_count / total, 100 * val_count / total, how)
 
 
-def log_model(logger: logging.Logger, num_alphabet: int, parameters: int, steps: int, model_config: Mapping[str, Any]) -> None:
+def log_model(
+    logger: logging.Logger,
+    num_alphabet: int,
+    parameters: int,
+    steps: int,
+    model_config: Mapping[str, Any],
+    coarse_until: float | None = None,
+) -> None:
     logger.info("Model created with %d character classes", num_alphabet)
     logger.info("Model: CRNN (CNN + bidirectional LSTM + CTC), %s", _format_model(model_config))
     logger.info("Model parameters: %s", f"{parameters:,}")
     logger.info("Model output steps per image: %d", steps)
+    if coarse_until is not None:
+        coarse = steps // model_config["steps_per_column"]
+        logger.info("Training starts on the coarse head (%d steps) until validation accuracy reaches %.2f", coarse, coarse_until)
 
 
 def _format_model(model_config: Mapping[str, Any]) -> str:
@@ -138,6 +148,13 @@ def epoch_line(epoch: int, epochs: int, metrics: Mapping[str, float]) -> str:
 
 def log_lr_reduced(logger: logging.Logger, old: float, new: float) -> None:
     logger.info("Learning rate reduced: %.2e → %.2e", old, new)
+
+
+def log_fine_head(logger: logging.Logger, coarse_steps: int, fine_steps: int, accuracy: float) -> None:
+    logger.info(
+        "Output head switched: coarse (%d steps) → fine (%d steps) at validation accuracy %.4f",
+        coarse_steps, fine_steps, accuracy,
+    )
 
 
 def log_saved(logger: logging.Logger, what: str, path: str) -> None:

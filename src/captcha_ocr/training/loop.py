@@ -23,12 +23,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from captcha_ocr.charset import Codec
+from captcha_ocr.charset import Codec, min_ctc_steps
 from captcha_ocr.checkpoint import save_atomic
 from captcha_ocr.config import TrainConfig
 from captcha_ocr.data.dataset import DecodedSet, augment, make_batch
 from captcha_ocr.data.images import Preprocessing
 from captcha_ocr.metrics import character_errors
+from captcha_ocr.model import coarse_output_steps, output_steps
 from captcha_ocr.record import report
 from captcha_ocr.training.distributed import (
     DistributedContext,
@@ -63,6 +64,13 @@ class TrainState:
     elapsed: float = 0.0
     scheduled_lr: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _ctc_loss(logits: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor, *, zero_infinity: bool) -> torch.Tensor:
+    log_probs = logits.float().log_softmax(2)  # (T, N, C)
+    steps, count = log_probs.shape[:2]
+    input_lengths = torch.full((count,), steps, dtype=torch.long)
+    return F.ctc_loss(log_probs, targets, input_lengths, lengths, blank=0, reduction="mean", zero_infinity=zero_infinity)
 
 
 def precision_dtype(precision: str) -> torch.dtype | None:
@@ -111,7 +119,8 @@ class Trainer:
             self.network = self.model
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience, min_lr=config.min_lr
+            self.optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience,
+            threshold=config.lr_threshold, min_lr=config.min_lr,
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16" and device.type == "cuda")
         self.sampler = DistributedSampler(
@@ -125,6 +134,14 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         # Skipped steps in a row, counted across epoch boundaries.
         self.nonfinite_streak = 0
+        self.output_steps = output_steps(preprocessing.width, self.model.config.steps_per_column)
+        # Labels the coarse head cannot emit need the fine head from the first step.
+        coarse_steps = coarse_output_steps(preprocessing.width)
+        self.coarse_too_short = any(
+            min_ctc_steps(label) > coarse_steps for label in [*train_set.labels, *val_set.labels]
+        )
+        if self.coarse_too_short and getattr(self.model, "has_fine_head", False):
+            self.model.activate_fine_head()
 
     # ------------------------------------------------------------------ state
     def checkpoint_payload(self) -> dict[str, Any]:
@@ -229,6 +246,8 @@ class Trainer:
             self.scheduler.step(validation["val_loss"])
         lr_after = self.current_lr()
         self.state.scheduled_lr = lr_after if self.state.global_step >= config.warmup_steps else self.state.scheduled_lr
+        coarse_steps = self.output_steps // self.model.config.steps_per_column
+        switched = self._maybe_activate_fine_head(validation["val_accuracy"])
 
         row = {
             "epoch": epoch,
@@ -252,6 +271,8 @@ class Trainer:
             logger.info(report.epoch_line(epoch, config.epochs, row))
             if lr_after < lr_before - 1e-12:
                 report.log_lr_reduced(logger, lr_before, lr_after)
+            if switched:
+                report.log_fine_head(logger, coarse_steps, self.output_steps, validation["val_accuracy"])
             for what, path in saved:
                 report.log_saved(logger, what, str(path))
             if self.on_epoch is not None:
@@ -313,7 +334,7 @@ class Trainer:
                 images = augment(images, augment_generator, self.background)
             self._apply_warmup()
 
-            loss = self._loss(images, batch)
+            loss, reported_loss = self._loss(images, batch)
             if not all_ranks_true(bool(torch.isfinite(loss).item()), self.context, self.device):
                 self._report_nonfinite("loss", epoch, batch_number)
                 continue
@@ -332,7 +353,7 @@ class Trainer:
 
             self.nonfinite_streak = 0
             self.state.global_step += 1
-            loss_sum += loss.item() * len(indices)
+            loss_sum += reported_loss.item() * len(indices)
             seen += len(indices)
             if self.progress:
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{self.current_lr():.1e}")
@@ -340,16 +361,40 @@ class Trainer:
         total_loss, total_seen = all_reduce_sum([loss_sum, float(seen)], self.context, self.device)
         return (total_loss / total_seen if total_seen else math.nan), int(total_seen)
 
-    def _loss(self, images: torch.Tensor, batch: Any) -> torch.Tensor:
+    def _loss(self, images: torch.Tensor, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the loss to minimise and the CTC loss of the output head, which the log reports.
+
+        The loss to minimise is the coarse head's CTC loss, plus the fine
+        head's once it is active. The coarse loss uses ``zero_infinity``,
+        because a label may need more steps than the coarse head has while
+        the fine head has enough.
+        """
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            logits = self.network(images)  # (T, N, C)
-        log_probs = logits.float().log_softmax(2)
-        steps, count = log_probs.shape[:2]
-        input_lengths = torch.full((count,), steps, dtype=torch.long)
-        return F.ctc_loss(
-            log_probs, batch.targets.to(self.device), input_lengths, batch.target_lengths,
-            blank=0, reduction="mean", zero_infinity=False,
-        )
+            coarse, fine = self.network(images, both_heads=True)
+        targets = batch.targets.to(self.device)
+        coarse_loss = _ctc_loss(coarse, targets, batch.target_lengths, zero_infinity=fine is not None)
+        if fine is None:
+            return coarse_loss, coarse_loss
+        if self.model.fine_active:
+            fine_loss = _ctc_loss(fine, targets, batch.target_lengths, zero_infinity=False)
+            return coarse_loss + fine_loss, fine_loss
+        # The zero term gives the idle fine head gradients (of zero), which
+        # DistributedDataParallel requires of every parameter.
+        return coarse_loss + 0.0 * fine.float().sum(), coarse_loss
+
+    def _maybe_activate_fine_head(self, val_accuracy: float) -> bool:
+        """Switch the output to the fine head once the coarse head reads well enough."""
+        model = self.model
+        if not getattr(model, "has_fine_head", False) or model.fine_active:
+            return False
+        if val_accuracy < self.config.fine_head_at and not self.coarse_too_short:
+            return False
+        model.activate_fine_head()
+        # The fine head's validation loss is on another scale, so the plateau
+        # scheduler starts its comparison afresh.
+        self.scheduler.best = self.scheduler.mode_worse
+        self.scheduler.num_bad_epochs = 0
+        return True
 
     def _report_nonfinite(self, what: str, epoch: int, batch_number: int) -> None:
         self.nonfinite_streak += 1
@@ -365,11 +410,12 @@ class Trainer:
 
     # -------------------------------------------------------------- validation
     def _predict_texts(self, indices: np.ndarray) -> tuple[list[str], torch.Tensor]:
-        """Decode images by index; returns texts and each sample's length-normalised CTC loss."""
+        """Decode images by index with the output head; returns texts and each sample's length-normalised CTC loss."""
         batch = make_batch(self.val_set, indices, self.codec, self.preprocessing)
         images = batch.images.to(self.device)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            logits = self.model(images)
+            coarse, fine = self.model(images, both_heads=True)
+        logits = fine if fine is not None and self.model.fine_active else coarse
         log_probs = logits.float().log_softmax(2)
         steps, count = log_probs.shape[:2]
         losses = F.ctc_loss(
