@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from captcha_ocr.config import TrainConfig
 from captcha_ocr.predict import Recognizer
@@ -181,11 +182,15 @@ def test_fine_head_switch_is_logged_and_saved(generated_folder, tmp_path):
     config = TrainConfig.build(
         {
             "data": [str(generated_folder)], "output_dir": str(tmp_path), "epochs": 2, "val_split": 0.25,
-            **TINY_MODEL, "fine_head_at": 0.0,
+            **TINY_MODEL, "fine_head_at": 0.0, "warmup_steps": 100,
         }
     )
     result = train(config, console=False, progress=False)
     assert result.status == "completed", result.error
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    # The warm-up starts again at the switch, so epoch 2 ends at the rate epoch 1 ended at.
+    assert rows[1]["lr"] == pytest.approx(rows[0]["lr"])
+    assert rows[0]["lr"] < config.lr / 2
     starts = grep("Training starts on the coarse head", result.log_file)
     assert starts[0].endswith("Training starts on the coarse head (8 steps) until validation accuracy reaches 0.00")
     switched = grep("Output head switched", result.log_file)
@@ -220,3 +225,35 @@ def test_labels_too_long_for_coarse_head_start_fine(tmp_path):
     assert grep("Training starts on the coarse head", result.log_file) == []
     assert grep("Output head switched", result.log_file) == []
     assert Recognizer.load(result.model_path).backend.model.fine_active
+
+
+def test_checkpoints_keep_average_and_trained_weights(finished_run):
+    from captcha_ocr.checkpoint import load_checkpoint
+
+    result, _ = finished_run
+    last = load_checkpoint(result.run_dir / "checkpoints" / "last.pt")
+    assert last["ema_updates"] > 1
+    averaged, trained = last["model_state"], last["training_model_state"]
+    assert averaged.keys() == trained.keys()
+    # The average lags the trained weights, so the two differ after a few steps.
+    assert not torch.equal(averaged["classifier.weight"], trained["classifier.weight"])
+    model_file = load_checkpoint(result.model_path)
+    assert "training_model_state" not in model_file
+    assert "ema_updates" not in model_file
+
+
+def test_weight_average_off_saves_trained_weights(generated_folder, tmp_path):
+    from captcha_ocr.checkpoint import load_checkpoint
+
+    config = TrainConfig.build(
+        {
+            "data": [str(generated_folder)], "output_dir": str(tmp_path), "epochs": 1, "val_split": 0.25,
+            **TINY_MODEL, "ema_decay": 0.0,
+        }
+    )
+    result = train(config, console=False, progress=False)
+    assert result.status == "completed", result.error
+    assert grep("Weight average: off", result.log_file)
+    last = load_checkpoint(result.run_dir / "checkpoints" / "last.pt")
+    for key, value in last["model_state"].items():
+        assert torch.equal(value, last["training_model_state"][key]), key

@@ -73,6 +73,11 @@ class TrainConfig:
         1e-4, "ReduceLROnPlateau: relative drop of the validation loss that counts as an improvement"
     )
     min_lr: float = _option(1e-5, "ReduceLROnPlateau: lowest learning rate")
+    ema_decay: float = _option(
+        0.99,
+        "decay per optimizer step of the moving average of the weights that validation, checkpoints "
+        "and the model file use; 0: no average, the trained weights themselves",
+    )
     grad_clip: float = _option(5.0, "maximum gradient norm; 0 disables clipping")
     augment: str = _option("auto", "augmentation: on, off, or auto (on for sets under 20000 images)",
                            choices=("auto", "on", "off"))
@@ -153,7 +158,7 @@ class TrainConfig:
             value = getattr(self, spec.name)
             if choices and value not in choices:
                 problems.append(f"{spec.name}={value!r} is not one of {list(choices)}")
-        for name in ("lr", "weight_decay", "lr_factor", "min_lr", "grad_clip", "dropout", "val_split", "fine_head_at", "lr_threshold"):
+        for name in ("lr", "weight_decay", "lr_factor", "min_lr", "grad_clip", "dropout", "val_split", "fine_head_at", "lr_threshold", "ema_decay"):
             value = getattr(self, name)
             if not math.isfinite(value):
                 problems.append(f"{name} must be a finite number, got {value}")
@@ -189,6 +194,8 @@ class TrainConfig:
             problems.append(f"lr_factor must be in (0, 1), got {self.lr_factor}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.lr_threshold < 1.0:
             problems.append(f"lr_threshold must be in [0, 1), got {self.lr_threshold}")
         if not 0.0 <= self.fine_head_at <= 1.0:

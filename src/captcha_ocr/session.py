@@ -388,6 +388,10 @@ def _setup(
         batch = f"{config.batch_size} per process x {context.world_size} {processes} = {config.batch_size * context.world_size}"
         report.log_optimizer(logger, config.lr, config.weight_decay, config.lr_factor, config.lr_patience, config.warmup_steps, batch)
         logger.info("Augmentation: %s", "on" if augment_enabled else "off")
+        if config.ema_decay > 0:
+            logger.info("Weight average: exponential moving average, decay %s per step (validation and saved models use it)", config.ema_decay)
+        else:
+            logger.info("Weight average: off")
         logger.info("Precision: %s", config.precision)
     if payload is not None:
         trainer.load_payload(payload)
@@ -454,7 +458,10 @@ def _finish(trainer: Trainer, prepared: PreparedData, paths: SessionPaths, resul
     report.log_summary(logger, _summary_values(result, trainer, prepared, paths, started))
 
 
-_TRAINING_ONLY = ("optimizer_state", "scheduler_state", "scaler_state", "train_state", "rng", "train_config")
+_TRAINING_ONLY = (
+    "optimizer_state", "scheduler_state", "scaler_state", "train_state", "rng", "train_config",
+    "training_model_state", "ema_updates",
+)
 
 
 def _fill_result_metrics(result: TrainResult, trainer: Trainer | None) -> None:

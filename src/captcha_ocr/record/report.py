@@ -152,7 +152,8 @@ def log_lr_reduced(logger: logging.Logger, old: float, new: float) -> None:
 
 def log_fine_head(logger: logging.Logger, coarse_steps: int, fine_steps: int, accuracy: float) -> None:
     logger.info(
-        "Output head switched: coarse (%d steps) → fine (%d steps) at validation accuracy %.4f",
+        "Output head switched: coarse (%d steps) → fine (%d steps) at validation accuracy %.4f; "
+        "the learning-rate warm-up starts again",
         coarse_steps, fine_steps, accuracy,
     )
 

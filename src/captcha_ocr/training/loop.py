@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
@@ -63,6 +64,8 @@ class TrainState:
     stale_epochs: int = 0
     elapsed: float = 0.0
     scheduled_lr: float = 0.0
+    # The step at which the current warm-up began: 0, or the switch to the fine head.
+    warmup_start: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -142,6 +145,12 @@ class Trainer:
         )
         if self.coarse_too_short and getattr(self.model, "has_fine_head", False):
             self.model.activate_fine_head()
+        # An exponential moving average of the weights (and BatchNorm statistics)
+        # is what validation reads and what checkpoints store as the model.
+        self.ema: AveragedModel | None = None
+        if config.ema_decay > 0:
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+        self.eval_model: nn.Module = self.ema.module if self.ema is not None else self.model
 
     # ------------------------------------------------------------------ state
     def checkpoint_payload(self) -> dict[str, Any]:
@@ -151,7 +160,9 @@ class Trainer:
         return {
             **self.model_info,
             "kind": "training",
-            "model_state": self.model.state_dict(),
+            "model_state": self.eval_model.state_dict(),
+            "training_model_state": self.model.state_dict(),
+            "ema_updates": int(self.ema.n_averaged) if self.ema is not None else 0,
             "epoch": self.state.epoch,
             "metrics": self.state.history[-1] if self.state.history else {},
             "train_config": self.config.to_dict(),
@@ -164,7 +175,11 @@ class Trainer:
 
     def load_payload(self, payload: dict[str, Any]) -> None:
         """Restore model, optimizer, scheduler, progress and random states from a checkpoint."""
-        self.model.load_state_dict(payload["model_state"])
+        # Checkpoints written before the weight average existed hold one set of weights.
+        self.model.load_state_dict(payload.get("training_model_state", payload["model_state"]))
+        if self.ema is not None:
+            self.ema.module.load_state_dict(payload["model_state"])
+            self.ema.n_averaged.fill_(int(payload.get("ema_updates", 1)))
         self.optimizer.load_state_dict(payload["optimizer_state"])
         self.scheduler.load_state_dict(payload["scheduler_state"])
         if payload.get("scaler_state") and self.scaler.is_enabled():
@@ -184,13 +199,20 @@ class Trainer:
             group["lr"] = lr
 
     def _apply_warmup(self) -> None:
-        """Ramp the learning rate linearly from lr/10 to the scheduled value over the warm-up steps."""
+        """Ramp the learning rate linearly from lr/10 to the scheduled value over the warm-up steps.
+
+        A warm-up runs at the start and again after the switch to the fine head.
+        """
         steps = self.config.warmup_steps
-        if steps and self.state.global_step < steps:
-            ramp = 0.1 + 0.9 * self.state.global_step / steps
+        done = self.state.global_step - self.state.warmup_start
+        if steps and done < steps:
+            ramp = 0.1 + 0.9 * done / steps
             self._set_lr(self.state.scheduled_lr * ramp)
-        elif steps and self.state.global_step == steps:
+        elif steps and done == steps:
             self._set_lr(self.state.scheduled_lr)
+
+    def _warmed_up(self) -> bool:
+        return self.state.global_step >= self.state.warmup_start + self.config.warmup_steps
 
     # ------------------------------------------------------------------ epochs
     def fit(self) -> str:
@@ -242,10 +264,10 @@ class Trainer:
         self.state.epoch = epoch
 
         lr_before = self.current_lr()
-        if self.state.global_step >= config.warmup_steps:
+        if self._warmed_up():
             self.scheduler.step(validation["val_loss"])
         lr_after = self.current_lr()
-        self.state.scheduled_lr = lr_after if self.state.global_step >= config.warmup_steps else self.state.scheduled_lr
+        self.state.scheduled_lr = lr_after if self._warmed_up() else self.state.scheduled_lr
         coarse_steps = self.output_steps // self.model.config.steps_per_column
         switched = self._maybe_activate_fine_head(validation["val_accuracy"])
 
@@ -350,6 +372,8 @@ class Trainer:
                 continue
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
 
             self.nonfinite_streak = 0
             self.state.global_step += 1
@@ -390,10 +414,19 @@ class Trainer:
         if val_accuracy < self.config.fine_head_at and not self.coarse_too_short:
             return False
         model.activate_fine_head()
+        if self.ema is not None:
+            self.ema.module.activate_fine_head()
         # The fine head's validation loss is on another scale, so the plateau
         # scheduler starts its comparison afresh.
         self.scheduler.best = self.scheduler.mode_worse
         self.scheduler.num_bad_epochs = 0
+        # Adam's moments of the fine head come from its idle phase, where the
+        # only gradient was weight decay; with them its first real steps would
+        # be several times the learning rate. Fresh moments and a second
+        # warm-up keep the new loss from undoing what the shared layers learnt.
+        for parameter in [*model.fine_classifier.parameters(), *model.fine_shortcut.parameters()]:
+            self.optimizer.state.pop(parameter, None)
+        self.state.warmup_start = self.state.global_step
         return True
 
     def _report_nonfinite(self, what: str, epoch: int, batch_number: int) -> None:
@@ -414,8 +447,8 @@ class Trainer:
         batch = make_batch(self.val_set, indices, self.codec, self.preprocessing)
         images = batch.images.to(self.device)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            coarse, fine = self.model(images, both_heads=True)
-        logits = fine if fine is not None and self.model.fine_active else coarse
+            coarse, fine = self.eval_model(images, both_heads=True)
+        logits = fine if fine is not None and self.eval_model.fine_active else coarse
         log_probs = logits.float().log_softmax(2)
         steps, count = log_probs.shape[:2]
         losses = F.ctc_loss(
@@ -431,7 +464,9 @@ class Trainer:
         """Score every validation image once across all ranks."""
         self.stop_if_interrupted()
         sync_buffers(self.model, self.context)
-        self.model.eval()
+        if self.ema is not None:
+            sync_buffers(self.ema.module, self.context)
+        self.eval_model.eval()
         loss_sum, correct, char_errors, chars = 0.0, 0, 0, 0
         with torch.inference_mode():
             for start in range(0, len(self.val_indices), VALIDATION_BATCH):
@@ -458,7 +493,7 @@ class Trainer:
     def _sample_predictions(self) -> list[tuple[str, str]]:
         if not len(self.sample_indices):
             return []
-        self.model.eval()
+        self.eval_model.eval()
         with torch.inference_mode():
             texts, _ = self._predict_texts(self.sample_indices)
         return [(self.val_set.labels[i], text) for i, text in zip(self.sample_indices, texts, strict=True)]
