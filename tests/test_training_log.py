@@ -138,7 +138,7 @@ def test_learning_rate_reduced_line(generated_folder, tmp_path, monkeypatch):
     config = TrainConfig.build(
         {
             "data": [str(generated_folder)], "output_dir": str(tmp_path), "epochs": 3, "val_split": 0.25,
-            **TINY_MODEL, "lr_patience": 0, "lr_factor": 0.5, "lr": 1e-3,
+            **TINY_MODEL, "lr_patience": 0, "lr_factor": 0.5, "lr": 1e-3, "decay_fraction": 0.0,
         }
     )
     result = train(config, console=False, progress=False)
@@ -257,3 +257,21 @@ def test_weight_average_off_saves_trained_weights(generated_folder, tmp_path):
     last = load_checkpoint(result.run_dir / "checkpoints" / "last.pt")
     for key, value in last["model_state"].items():
         assert torch.equal(value, last["training_model_state"][key]), key
+
+
+def test_final_decay_takes_over_the_rate(generated_folder, tmp_path):
+    config = TrainConfig.build(
+        {
+            "data": [str(generated_folder)], "output_dir": str(tmp_path), "epochs": 5, "val_split": 0.25,
+            **TINY_MODEL, "lr": 1e-3, "min_lr": 1e-5, "decay_fraction": 0.4, "lr_patience": 100,
+        }
+    )
+    result = train(config, console=False, progress=False)
+    assert result.status == "completed", result.error
+    decay = grep("Final learning-rate decay", result.log_file)
+    assert len(decay) == 1
+    assert decay[0].endswith("1.00e-03 → 1.00e-05 linearly over the last 40% of training, from epoch 4")
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rates = [row["lr"] for row in rows]
+    assert rates[:3] == [pytest.approx(1e-3)] * 3
+    assert 1e-5 < rates[4] < rates[3] < 1e-3

@@ -73,6 +73,11 @@ class TrainConfig:
         1e-4, "ReduceLROnPlateau: relative drop of the validation loss that counts as an improvement"
     )
     min_lr: float = _option(1e-5, "ReduceLROnPlateau: lowest learning rate")
+    decay_fraction: float = _option(
+        0.2,
+        "share of training at its end (of --epochs, or of --max-time when that comes first) over which "
+        "the learning rate falls linearly to --min-lr, taking over from ReduceLROnPlateau; 0: off",
+    )
     ema_decay: float = _option(
         0.99,
         "decay per optimizer step of the moving average of the weights that validation, checkpoints "
@@ -158,7 +163,7 @@ class TrainConfig:
             value = getattr(self, spec.name)
             if choices and value not in choices:
                 problems.append(f"{spec.name}={value!r} is not one of {list(choices)}")
-        for name in ("lr", "weight_decay", "lr_factor", "min_lr", "grad_clip", "dropout", "val_split", "fine_head_at", "lr_threshold", "ema_decay"):
+        for name in ("lr", "weight_decay", "lr_factor", "min_lr", "grad_clip", "dropout", "val_split", "fine_head_at", "lr_threshold", "ema_decay", "decay_fraction"):
             value = getattr(self, name)
             if not math.isfinite(value):
                 problems.append(f"{name} must be a finite number, got {value}")
@@ -194,6 +199,8 @@ class TrainConfig:
             problems.append(f"lr_factor must be in (0, 1), got {self.lr_factor}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            problems.append(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
         if not 0.0 <= self.ema_decay < 1.0:
             problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.lr_threshold < 1.0:

@@ -150,6 +150,13 @@ def log_lr_reduced(logger: logging.Logger, old: float, new: float) -> None:
     logger.info("Learning rate reduced: %.2e → %.2e", old, new)
 
 
+def log_final_decay(logger: logging.Logger, lr: float, min_lr: float, fraction: float, epoch: int) -> None:
+    logger.info(
+        "Final learning-rate decay: %.2e → %.2e linearly over the last %.0f%% of training, from epoch %d",
+        lr, min_lr, 100 * fraction, epoch,
+    )
+
+
 def log_fine_head(logger: logging.Logger, coarse_steps: int, fine_steps: int, accuracy: float) -> None:
     logger.info(
         "Output head switched: coarse (%d steps) → fine (%d steps) at validation accuracy %.4f; "

@@ -66,6 +66,7 @@ class TrainState:
     scheduled_lr: float = 0.0
     # The step at which the current warm-up began: 0, or the switch to the fine head.
     warmup_start: int = 0
+    decay_logged: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -137,6 +138,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         # Skipped steps in a row, counted across epoch boundaries.
         self.nonfinite_streak = 0
+        self.decay_started = False
         self.output_steps = output_steps(preprocessing.width, self.model.config.steps_per_column)
         # Labels the coarse head cannot emit need the fine head from the first step.
         coarse_steps = coarse_output_steps(preprocessing.width)
@@ -211,6 +213,32 @@ class Trainer:
         elif steps and done == steps:
             self._set_lr(self.state.scheduled_lr)
 
+    def _progress_at_epoch_start(self, epoch: int) -> tuple[float, float]:
+        """Return the share of training done when ``epoch`` starts and the share one epoch adds.
+
+        The share counts epochs against ``--epochs`` and, with ``--max-time``,
+        seconds against the budget, whichever is further. Rank 0's clock
+        decides, so that every rank sets the same learning rate.
+        """
+        config = self.config
+        start, per_epoch = (epoch - 1) / config.epochs, 1 / config.epochs
+        budget = config.max_time_seconds
+        if budget:
+            last = self.state.history[-1]["epoch_time"] if self.state.history else 0.0
+            elapsed, last = broadcast_object((self.state.elapsed, last), self.context)
+            if elapsed / budget > start:
+                start, per_epoch = elapsed / budget, last / budget
+        return start, per_epoch
+
+    def _apply_final_decay(self, progress: float) -> None:
+        """Lower the learning rate linearly to ``min_lr`` over the last ``decay_fraction`` of training."""
+        fraction = self.config.decay_fraction
+        if fraction <= 0 or progress < 1 - fraction:
+            return
+        factor = max(0.0, (1 - progress) / fraction)
+        decayed = self.config.min_lr + (self.state.scheduled_lr - self.config.min_lr) * factor
+        self._set_lr(min(decayed, self.current_lr()))
+
     def _warmed_up(self) -> bool:
         return self.state.global_step >= self.state.warmup_start + self.config.warmup_steps
 
@@ -264,10 +292,13 @@ class Trainer:
         self.state.epoch = epoch
 
         lr_before = self.current_lr()
-        if self._warmed_up():
+        # Once the final decay runs, it alone sets the learning rate.
+        plateau_active = self._warmed_up() and not self.decay_started
+        if plateau_active:
             self.scheduler.step(validation["val_loss"])
         lr_after = self.current_lr()
-        self.state.scheduled_lr = lr_after if self._warmed_up() else self.state.scheduled_lr
+        if plateau_active:
+            self.state.scheduled_lr = lr_after
         coarse_steps = self.output_steps // self.model.config.steps_per_column
         switched = self._maybe_activate_fine_head(validation["val_accuracy"])
 
@@ -340,6 +371,13 @@ class Trainer:
 
     def _train_epoch(self, epoch: int) -> tuple[float, int]:
         config = self.config
+        progress_start, progress_per_epoch = self._progress_at_epoch_start(epoch)
+        # The tolerance keeps float rounding from starting the decay an epoch early.
+        decay_start = 1 - config.decay_fraction + 1e-9
+        self.decay_started = config.decay_fraction > 0 and progress_start + progress_per_epoch > decay_start
+        if self.decay_started and not self.state.decay_logged and self.context.is_main:
+            report.log_final_decay(logger, self.state.scheduled_lr, config.min_lr, config.decay_fraction, epoch)
+        self.state.decay_logged = self.state.decay_logged or self.decay_started
         self.network.train()
         self.sampler.set_epoch(epoch)
         order = np.fromiter(iter(self.sampler), dtype=np.int64)
@@ -355,6 +393,9 @@ class Trainer:
             if self.augment_enabled:
                 images = augment(images, augment_generator, self.background)
             self._apply_warmup()
+            if self.decay_started:
+                step_progress = progress_start + progress_per_epoch * (batch_number - 1) / len(batches)
+                self._apply_final_decay(step_progress)
 
             loss, reported_loss = self._loss(images, batch)
             if not all_ranks_true(bool(torch.isfinite(loss).item()), self.context, self.device):
