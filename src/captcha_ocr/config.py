@@ -74,7 +74,7 @@ class TrainConfig:
     )
     min_lr: float = _option(1e-5, "ReduceLROnPlateau: lowest learning rate")
     decay_fraction: float = _option(
-        0.2,
+        0.4,
         "share of training at its end (of --epochs, or of --max-time when that comes first) over which "
         "the learning rate falls linearly to --min-lr, taking over from ReduceLROnPlateau; 0: off",
     )
@@ -97,7 +97,7 @@ class TrainConfig:
     rnn_layers: int = _option(2, "number of bidirectional LSTM layers")
     dropout: float = _option(0.2, "dropout before and between the LSTM layers")
     fine_head_at: float = _option(
-        0.5,
+        0.3,
         "validation accuracy at which the output switches from the coarse head (width/16 steps) "
         "to the fine head (width/8 steps); 0: after the first epoch",
     )

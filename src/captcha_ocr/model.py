@@ -25,8 +25,8 @@ class ModelConfig:
     rnn_hidden: int = 128
     rnn_layers: int = 2
     dropout: float = 0.2
-    # 1: one output step per feature column only, the layout of models saved
-    # before the fine head existed; 2: a coarse head and a fine head.
+    # 2 gives a coarse head and a fine head. 1 gives the coarse head alone,
+    # the layout of models saved before the fine head existed.
     steps_per_column: int = FINE_STEPS_PER_COLUMN
 
     def __post_init__(self) -> None:
