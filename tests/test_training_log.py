@@ -275,3 +275,6 @@ def test_final_decay_takes_over_the_rate(generated_folder, tmp_path):
     rates = [row["lr"] for row in rows]
     assert rates[:3] == [pytest.approx(1e-3)] * 3
     assert 1e-5 < rates[4] < rates[3] < 1e-3
+    reduced = grep("Learning rate reduced", result.log_file)
+    assert len(reduced) == 2
+    assert all(line.endswith("(final linear decay)") for line in reduced)

@@ -61,7 +61,7 @@ class TrainConfig:
     path_column: str | None = _option(None, "manifest column holding image paths (default: detected)")
     label_column: str | None = _option(None, "manifest column holding labels (default: detected)")
     height: int = _option(48, "image height in pixels after resizing (a multiple of 16)")
-    width: int = _option(192, "image width in pixels after resizing; the model emits width/8 output steps (counted in whole 16-pixel columns), and a label needs one per character plus one between equal neighbours")
+    width: int = _option(192, "image width in pixels after resizing; the model emits 2 output steps per whole 16 pixels of width (24 at 192), and a label needs one per character plus one between equal neighbours")
     epochs: int = _option(60, "maximum number of epochs")
     batch_size: int = _option(32, "images per optimizer step on each process")
     lr: float = _option(3e-3, "peak learning rate of Adam")
@@ -72,11 +72,11 @@ class TrainConfig:
     lr_threshold: float = _option(
         1e-4, "ReduceLROnPlateau: relative drop of the validation loss that counts as an improvement"
     )
-    min_lr: float = _option(1e-5, "ReduceLROnPlateau: lowest learning rate")
+    min_lr: float = _option(1e-5, "lowest learning rate of ReduceLROnPlateau, and the rate the final decay ends at")
     decay_fraction: float = _option(
         0.4,
-        "share of training at its end (of --epochs, or of --max-time when that comes first) over which "
-        "the learning rate falls linearly to --min-lr, taking over from ReduceLROnPlateau; 0: off",
+        "fraction of training, counted back from its end (in --epochs, or in --max-time when that ends the run "
+        "first), over which the learning rate falls linearly to --min-lr instead of following ReduceLROnPlateau; 0: off",
     )
     ema_decay: float = _option(
         0.99,

@@ -146,8 +146,11 @@ def epoch_line(epoch: int, epochs: int, metrics: Mapping[str, float]) -> str:
     )
 
 
-def log_lr_reduced(logger: logging.Logger, old: float, new: float) -> None:
-    logger.info("Learning rate reduced: %.2e → %.2e", old, new)
+def log_lr_reduced(logger: logging.Logger, old: float, new: float, cause: str = "") -> None:
+    if cause:
+        logger.info("Learning rate reduced: %.2e → %.2e (%s)", old, new, cause)
+    else:
+        logger.info("Learning rate reduced: %.2e → %.2e", old, new)
 
 
 def log_final_decay(logger: logging.Logger, lr: float, min_lr: float, fraction: float, epoch: int) -> None:

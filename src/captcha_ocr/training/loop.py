@@ -285,6 +285,7 @@ class Trainer:
         # Seeding per epoch makes a resumed run draw the same shuffles and augmentations.
         torch.manual_seed(config.seed * 100_003 + epoch * 1_009 + self.context.rank)
         started = time.monotonic()
+        lr_at_start = self.current_lr()
         train_loss, images = self._train_epoch(epoch)
         validation = self._validate()
         epoch_time = time.monotonic() - started
@@ -324,6 +325,9 @@ class Trainer:
             logger.info(report.epoch_line(epoch, config.epochs, row))
             if lr_after < lr_before - 1e-12:
                 report.log_lr_reduced(logger, lr_before, lr_after)
+            elif self.decay_started and lr_before < lr_at_start - 1e-12:
+                # The final decay lowers the rate step by step; one line per epoch keeps every reduction greppable.
+                report.log_lr_reduced(logger, lr_at_start, lr_before, "final linear decay")
             if switched:
                 report.log_fine_head(logger, coarse_steps, self.output_steps, validation["val_accuracy"])
             for what, path in saved:
