@@ -95,7 +95,7 @@ def _poison_training_forward(
         outputs = original(self, images, both_heads=both_heads)
         if not self.training:
             return outputs
-        # Training asks for both heads; the coarse head is the one it learns first.
+        # Training requests both heads, and the coarse head is the one it learns first.
         coarse, fine = outputs
         calls += 1
         if calls in nan_calls or (nan_from is not None and calls >= nan_from):

@@ -16,12 +16,17 @@ from tests.conftest import TINY_MODEL
 LINE = re.compile(r"^\[\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\] \[(INFO|WARNING|ERROR|DEBUG|CRITICAL)\] ")
 
 
+def _tiny_config(data: Path, output: Path, **settings) -> TrainConfig:
+    """Build the tiny model's configuration on ``data``, with a quarter held out for validation."""
+    return TrainConfig.build(
+        {"data": [str(data)], "output_dir": str(output), "val_split": 0.25, **TINY_MODEL, **settings}
+    )
+
+
 @pytest.fixture(scope="module")
 def finished_run(generated_folder, tmp_path_factory):
     output = tmp_path_factory.mktemp("run")
-    config = TrainConfig.build(
-        {"data": [str(generated_folder)], "output_dir": str(output), "epochs": 2, "val_split": 0.25, **TINY_MODEL}
-    )
+    config = _tiny_config(generated_folder, output, epochs=2)
     result = train(config, console=False, progress=False)
     assert result.status == "completed", result.error
     return result, output
@@ -135,12 +140,7 @@ def test_learning_rate_reduced_line(generated_folder, tmp_path, monkeypatch):
         return {**original(self), "val_loss": 1.0}
 
     monkeypatch.setattr(Trainer, "_validate", flat_loss)
-    config = TrainConfig.build(
-        {
-            "data": [str(generated_folder)], "output_dir": str(tmp_path), "epochs": 3, "val_split": 0.25,
-            **TINY_MODEL, "lr_patience": 0, "lr_factor": 0.5, "lr": 1e-3, "decay_fraction": 0.0,
-        }
-    )
+    config = _tiny_config(generated_folder, tmp_path, epochs=3, lr_patience=0, lr_factor=0.5, lr=1e-3, decay_fraction=0.0)
     result = train(config, console=False, progress=False)
     assert result.status == "completed", result.error
     reduced = grep("Learning rate reduced", result.log_file)
@@ -153,9 +153,7 @@ def test_learning_rate_reduced_line(generated_folder, tmp_path, monkeypatch):
 
 
 def test_console_matches_file(generated_folder, tmp_path, capsys):
-    config = TrainConfig.build(
-        {"data": [str(generated_folder)], "output_dir": str(tmp_path), "epochs": 1, "val_split": 0.25, **TINY_MODEL}
-    )
+    config = _tiny_config(generated_folder, tmp_path, epochs=1)
     result = train(config, console=True, progress=False)
     err = capsys.readouterr().err.splitlines()
     file_lines = result.log_file.read_text(encoding="utf-8").splitlines()
@@ -179,12 +177,7 @@ def test_model_file_predicts_after_reload(finished_run, generated_folder):
 
 
 def test_fine_head_switch_is_logged_and_saved(generated_folder, tmp_path):
-    config = TrainConfig.build(
-        {
-            "data": [str(generated_folder)], "output_dir": str(tmp_path), "epochs": 2, "val_split": 0.25,
-            **TINY_MODEL, "fine_head_at": 0.0, "warmup_steps": 100,
-        }
-    )
+    config = _tiny_config(generated_folder, tmp_path, epochs=2, fine_head_at=0.0, warmup_steps=100)
     result = train(config, console=False, progress=False)
     assert result.status == "completed", result.error
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -216,9 +209,7 @@ def test_labels_too_long_for_coarse_head_start_fine(tmp_path):
     folder = tmp_path / "long"
     settings = GenerateSettings(count=24, min_length=10, max_length=10, charset="digits", width=200, seed=3)
     generate(folder, settings, progress=False)
-    config = TrainConfig.build(
-        {"data": [str(folder)], "output_dir": str(tmp_path / "out"), "epochs": 1, "val_split": 0.25, **TINY_MODEL}
-    )
+    config = _tiny_config(folder, tmp_path / "out", epochs=1)
     result = train(config, console=False, progress=False)
     assert result.status == "completed", result.error
     # Ten characters need more than the coarse head's 8 steps, so the fine head reads from the start.
@@ -245,12 +236,7 @@ def test_checkpoints_keep_average_and_trained_weights(finished_run):
 def test_weight_average_off_saves_trained_weights(generated_folder, tmp_path):
     from captcha_ocr.checkpoint import load_checkpoint
 
-    config = TrainConfig.build(
-        {
-            "data": [str(generated_folder)], "output_dir": str(tmp_path), "epochs": 1, "val_split": 0.25,
-            **TINY_MODEL, "ema_decay": 0.0,
-        }
-    )
+    config = _tiny_config(generated_folder, tmp_path, epochs=1, ema_decay=0.0)
     result = train(config, console=False, progress=False)
     assert result.status == "completed", result.error
     assert grep("Weight average: off", result.log_file)
@@ -260,12 +246,7 @@ def test_weight_average_off_saves_trained_weights(generated_folder, tmp_path):
 
 
 def test_final_decay_takes_over_the_rate(generated_folder, tmp_path):
-    config = TrainConfig.build(
-        {
-            "data": [str(generated_folder)], "output_dir": str(tmp_path), "epochs": 5, "val_split": 0.25,
-            **TINY_MODEL, "lr": 1e-3, "min_lr": 1e-5, "decay_fraction": 0.4, "lr_patience": 100,
-        }
-    )
+    config = _tiny_config(generated_folder, tmp_path, epochs=5, lr=1e-3, min_lr=1e-5, decay_fraction=0.4, lr_patience=100)
     result = train(config, console=False, progress=False)
     assert result.status == "completed", result.error
     decay = grep("Final learning-rate decay", result.log_file)

@@ -78,9 +78,9 @@ class CRNN(nn.Module):
     the default width of 192), and two heads read the LSTM output:
 
     - the coarse head emits one step per column. Few steps per character
-      shorten the CTC plateau, where the model emits only blanks: on
+      shorten the CTC plateau, where the model emits only blanks. On
       captcha_images_v2 after 150 steps of batch 32, 10 output steps reached
-      loss 1.88 and 8.7% accuracy while 20 steps were still at loss 3.10 and 0%.
+      loss 1.88 and 8.7% accuracy, while 20 steps were still at loss 3.10 and 0%.
     - the fine head emits two steps per column (24 at width 192). Text that
       fills only part of the image leaves the coarse head too few steps for a
       blank between two equal neighbours, so it reads ``mddgb`` as ``mdgb``.

@@ -140,12 +140,12 @@ class Trainer:
         self.nonfinite_streak = 0
         self.decay_started = False
         self.output_steps = output_steps(preprocessing.width, self.model.config.steps_per_column)
+        self.coarse_steps = coarse_output_steps(preprocessing.width)
         # Labels the coarse head cannot emit need the fine head from the first step.
-        coarse_steps = coarse_output_steps(preprocessing.width)
         self.coarse_too_short = any(
-            min_ctc_steps(label) > coarse_steps for label in [*train_set.labels, *val_set.labels]
+            min_ctc_steps(label) > self.coarse_steps for label in [*train_set.labels, *val_set.labels]
         )
-        if self.coarse_too_short and getattr(self.model, "has_fine_head", False):
+        if self.coarse_too_short and self.model.has_fine_head:
             self.model.activate_fine_head()
         # An exponential moving average of the weights (and BatchNorm statistics)
         # is what validation reads and what checkpoints store as the model.
@@ -300,7 +300,6 @@ class Trainer:
         lr_after = self.current_lr()
         if plateau_active:
             self.state.scheduled_lr = lr_after
-        coarse_steps = self.output_steps // self.model.config.steps_per_column
         switched = self._maybe_activate_fine_head(validation["val_accuracy"])
 
         row = {
@@ -329,7 +328,7 @@ class Trainer:
                 # The final decay lowers the rate step by step; one line per epoch keeps every reduction greppable.
                 report.log_lr_reduced(logger, lr_at_start, lr_before, "final linear decay")
             if switched:
-                report.log_fine_head(logger, coarse_steps, self.output_steps, validation["val_accuracy"])
+                report.log_fine_head(logger, self.coarse_steps, self.output_steps, validation["val_accuracy"])
             for what, path in saved:
                 report.log_saved(logger, what, str(path))
             if self.on_epoch is not None:
@@ -454,7 +453,7 @@ class Trainer:
     def _maybe_activate_fine_head(self, val_accuracy: float) -> bool:
         """Switch the output to the fine head once the coarse head reads well enough."""
         model = self.model
-        if not getattr(model, "has_fine_head", False) or model.fine_active:
+        if not model.has_fine_head or model.fine_active:
             return False
         if val_accuracy < self.config.fine_head_at and not self.coarse_too_short:
             return False
@@ -465,10 +464,10 @@ class Trainer:
         # scheduler starts its comparison afresh.
         self.scheduler.best = self.scheduler.mode_worse
         self.scheduler.num_bad_epochs = 0
-        # Adam's moments of the fine head come from its idle phase, where the
-        # only gradient was weight decay; with them its first real steps would
-        # be several times the learning rate. Fresh moments and a second
-        # warm-up keep the new loss from undoing what the shared layers learnt.
+        # In its idle phase the fine head's only gradient was weight decay, so
+        # its Adam moments would make its first real steps several times the
+        # learning rate. Fresh moments and a second warm-up keep the new loss
+        # from undoing what the shared layers learnt.
         for parameter in [*model.fine_classifier.parameters(), *model.fine_shortcut.parameters()]:
             self.optimizer.state.pop(parameter, None)
         self.state.warmup_start = self.state.global_step
