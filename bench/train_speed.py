@@ -2,9 +2,10 @@
 
 Both models train on the same images in one process. Measurement windows
 alternate between them (and swap order every round), so a busy neighbour on the
-machine slows both alike. A step is forward, CTC loss, backward, gradient
-clipping (ours only, as the trainer does) and an Adam step. Image decoding and
-augmentation are left out. FLOPs per image come from FlopCounterMode over
+machine slows both alike. A step is forward, loss, backward, gradient
+clipping (ours only, as the trainer does) and an Adam step. Our loss is the
+trainer's once the fine head is active: CTC on both heads plus the
+character-presence loss. Image decoding and augmentation are left out. FLOPs per image come from FlopCounterMode over
 forward and backward, and are set against the machine's float32 torch.mm peak.
 
     python bench/train_speed.py            # about 5 minutes
@@ -43,6 +44,7 @@ from captcha_ocr.charset import Codec
 from captcha_ocr.config import TrainConfig
 from captcha_ocr.data.images import Preprocessing, load_image, to_model_input
 from captcha_ocr.model import CRNN, ModelConfig, count_parameters
+from captcha_ocr.training.loop import presence_loss
 
 FLOP_COUNT_IMAGES = 2
 
@@ -58,13 +60,20 @@ class Contender:
     batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     batch_size: int
     grad_clip: float = 0.0
+    # Called as loss_fn(model, images, targets, lengths). When None, the step uses CTC on the output.
+    loss_fn: Any = None
     windows: list[tuple[int, float]] = field(default_factory=list)
     cursor: int = 0
+
+    def loss(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if self.loss_fn is None:
+            return _ctc_loss(model(images), targets, lengths)
+        return self.loss_fn(model, images, targets, lengths)
 
     def step(self) -> None:
         images, targets, lengths = self.batches[self.cursor % len(self.batches)]
         self.cursor += 1
-        loss = _ctc_loss(self.model(images), targets, lengths)
+        loss = self.loss(self.model, images, targets, lengths)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip > 0:
@@ -99,6 +108,19 @@ def _ctc_loss(logits: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor
     steps, count = log_probs.shape[:2]
     input_lengths = torch.full((count,), steps, dtype=torch.long)
     return F.ctc_loss(log_probs, targets, input_lengths, lengths, blank=0, reduction="mean")
+
+
+def trainer_loss(presence_weight: float):
+    """Return the loss our trainer minimises once the fine head is active: the most work per step."""
+
+    def loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        coarse, fine = model(images, both_heads=True)
+        total = _ctc_loss(coarse, targets, lengths) + _ctc_loss(fine, targets, lengths)
+        if presence_weight > 0:
+            total = total + presence_weight * presence_loss(coarse, targets, lengths)
+        return total
+
+    return loss
 
 
 def load_images(args: argparse.Namespace) -> tuple[list[Any], list[str], str]:
@@ -138,6 +160,7 @@ def build_ours(sources: list[Any], labels: list[str], codec: Codec, device: torc
     return Contender(
         "ours (CRNN)", f"1x{config.height}x{config.width}", model, optimizer,
         make_batches(inputs, labels, codec, config.batch_size, device), config.batch_size, config.grad_clip,
+        trainer_loss(config.presence_weight),
     )
 
 
@@ -167,7 +190,7 @@ def count_flops(contender: Contender) -> dict[str, float]:
     images, lengths = images[:FLOP_COUNT_IMAGES], lengths[:FLOP_COUNT_IMAGES]
     targets = targets[: int(lengths.sum())]
     with FlopCounterMode(display=False) as forward_counter:
-        loss = _ctc_loss(model(images), targets, lengths)
+        loss = contender.loss(model, images, targets, lengths)
     with FlopCounterMode(display=False) as backward_counter:
         loss.backward()
     forward = forward_counter.get_total_flops() / len(lengths)

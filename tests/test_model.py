@@ -111,3 +111,35 @@ def test_model_without_fine_head_loads():
     images = torch.randn(2, 1, 32, 128)
     assert restored(images).shape == (output_steps(128, 1), 2, 11)
     assert torch.equal(restored(images), old(images))
+
+
+def _peaked_logits(steps: list[int], num_classes: int = 6) -> torch.Tensor:
+    """Logits (T, 1, C) that put each step's probability on one class."""
+    logits = torch.full((len(steps), 1, num_classes), -8.0)
+    for t, c in enumerate(steps):
+        logits[t, 0, c] = 8.0
+    return logits
+
+
+def testpresence_loss_rewards_the_label_characters_in_any_order():
+    from captcha_ocr.training.loop import presence_loss
+
+    targets, lengths = torch.tensor([1, 2, 3]), torch.tensor([3])
+    right = presence_loss(_peaked_logits([0, 1, 0, 2, 3, 0]), targets, lengths)
+    shuffled = presence_loss(_peaked_logits([3, 0, 2, 0, 1, 0]), targets, lengths)
+    missing = presence_loss(_peaked_logits([0, 1, 0, 2, 0, 0]), targets, lengths)
+    extra = presence_loss(_peaked_logits([0, 1, 4, 2, 3, 0]), targets, lengths)
+    assert right.item() == pytest.approx(shuffled.item())
+    assert right.item() < 0.01
+    assert missing.item() > 1.0
+    assert extra.item() > 1.0
+
+
+def testpresence_loss_sends_gradient_to_every_image():
+    from captcha_ocr.training.loop import presence_loss
+
+    logits = torch.zeros(4, 2, 6, requires_grad=True)
+    presence_loss(logits, torch.tensor([1, 2, 5]), torch.tensor([2, 1])).backward()
+    assert logits.grad is not None
+    assert logits.grad[:, 0].abs().sum() > 0
+    assert logits.grad[:, 1].abs().sum() > 0

@@ -92,7 +92,7 @@ class TrainConfig:
     precision: str = _option("fp32", "fp32, or bf16/fp16 mixed precision on CUDA", choices=("fp32", "bf16", "fp16"))
     threads: int = _option(0, "CPU threads for PyTorch; 0: one per core (per process under torchrun)")
     output_dir: str = _option("outputs", "folder for logs/, runs/, models/ and the generated-data cache")
-    channels: list[int] = _option([32, 64, 96, 96, 128], "output channels of the five convolution layers")
+    channels: list[int] = _option([16, 32, 64, 64, 96], "output channels of the five convolution layers")
     rnn_hidden: int = _option(128, "hidden units per direction of the LSTM")
     rnn_layers: int = _option(2, "number of bidirectional LSTM layers")
     dropout: float = _option(0.2, "dropout before and between the LSTM layers")
@@ -100,6 +100,11 @@ class TrainConfig:
         0.3,
         "validation accuracy at which the output switches from the coarse head (width/16 steps) "
         "to the fine head (width/8 steps); 0: after the first epoch",
+    )
+    presence_weight: float = _option(
+        1.0,
+        "weight of the character-presence loss on the coarse head, which asks that each character "
+        "of the label appear at some step and no other character at any; 0: off",
     )
     max_pixels: int = _option(DEFAULT_MAX_PIXELS, "images with more pixels are refused before decoding")
     too_long_labels: str = _option(
@@ -163,7 +168,7 @@ class TrainConfig:
             value = getattr(self, spec.name)
             if choices and value not in choices:
                 problems.append(f"{spec.name}={value!r} is not one of {list(choices)}")
-        for name in ("lr", "weight_decay", "lr_factor", "min_lr", "grad_clip", "dropout", "val_split", "fine_head_at", "lr_threshold", "ema_decay", "decay_fraction"):
+        for name in ("lr", "weight_decay", "lr_factor", "min_lr", "grad_clip", "dropout", "val_split", "fine_head_at", "presence_weight", "lr_threshold", "ema_decay", "decay_fraction"):
             value = getattr(self, name)
             if not math.isfinite(value):
                 problems.append(f"{name} must be a finite number, got {value}")

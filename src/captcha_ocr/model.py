@@ -21,7 +21,7 @@ class ModelConfig:
     num_classes: int
     height: int = 48
     width: int = 192
-    channels: tuple[int, ...] = field(default=(32, 64, 96, 96, 128))
+    channels: tuple[int, ...] = field(default=(16, 32, 64, 64, 96))
     rnn_hidden: int = 128
     rnn_layers: int = 2
     dropout: float = 0.2

@@ -77,6 +77,24 @@ def _ctc_loss(logits: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor
     return F.ctc_loss(log_probs, targets, input_lengths, lengths, blank=0, reduction="mean", zero_infinity=zero_infinity)
 
 
+def presence_loss(logits: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Return a multi-label loss on which characters a label contains, whatever their order.
+
+    A character's presence probability is its highest per-step probability.
+    Present characters are pushed up at some step and absent ones down at
+    every step, which gives each column's character scores a direct signal
+    while CTC still emits only blanks.
+    """
+    log_probs = logits.float().log_softmax(2)[:, :, 1:]  # (T, N, C-1), blank left out
+    peak = log_probs.max(dim=0).values  # (N, C-1)
+    present = torch.zeros_like(peak)
+    rows = torch.repeat_interleave(torch.arange(len(lengths), device=peak.device), lengths.to(peak.device))
+    present[rows, targets - 1] = 1.0
+    absent_log = torch.log1p(-peak.exp().clamp(max=1.0 - 1e-6))
+    per_image = -(present * peak + (1.0 - present) * absent_log).sum(dim=1)
+    return (per_image / lengths.to(peak.device).clamp(min=1)).mean()
+
+
 def precision_dtype(precision: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
@@ -441,14 +459,17 @@ class Trainer:
             coarse, fine = self.network(images, both_heads=True)
         targets = batch.targets.to(self.device)
         coarse_loss = _ctc_loss(coarse, targets, batch.target_lengths, zero_infinity=fine is not None)
+        total = coarse_loss
+        if self.config.presence_weight > 0:
+            total = total + self.config.presence_weight * presence_loss(coarse, targets, batch.target_lengths)
         if fine is None:
-            return coarse_loss, coarse_loss
+            return total, coarse_loss
         if self.model.fine_active:
             fine_loss = _ctc_loss(fine, targets, batch.target_lengths, zero_infinity=False)
-            return coarse_loss + fine_loss, fine_loss
+            return total + fine_loss, fine_loss
         # The zero term gives the idle fine head gradients (of zero), which
         # DistributedDataParallel requires of every parameter.
-        return coarse_loss + 0.0 * fine.float().sum(), coarse_loss
+        return total + 0.0 * fine.float().sum(), coarse_loss
 
     def _maybe_activate_fine_head(self, val_accuracy: float) -> bool:
         """Switch the output to the fine head once the coarse head reads well enough."""
