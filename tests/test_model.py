@@ -121,7 +121,7 @@ def _peaked_logits(steps: list[int], num_classes: int = 6) -> torch.Tensor:
     return logits
 
 
-def testpresence_loss_rewards_the_label_characters_in_any_order():
+def test_presence_loss_ignores_character_order():
     from captcha_ocr.training.loop import presence_loss
 
     targets, lengths = torch.tensor([1, 2, 3]), torch.tensor([3])
@@ -135,7 +135,7 @@ def testpresence_loss_rewards_the_label_characters_in_any_order():
     assert extra.item() > 1.0
 
 
-def testpresence_loss_sends_gradient_to_every_image():
+def test_presence_loss_reaches_every_image():
     from captcha_ocr.training.loop import presence_loss
 
     logits = torch.zeros(4, 2, 6, requires_grad=True)

@@ -198,9 +198,21 @@ def test_fine_head_switch_is_logged_and_saved(generated_folder, tmp_path):
 
 def test_fine_head_off_below_threshold(finished_run):
     result, _ = finished_run
-    # Two epochs of a tiny model stay far below the default threshold of 0.5.
+    # Two epochs of a tiny model stay far below the default threshold of 0.3.
     assert grep("Output head switched", result.log_file) == []
     assert not Recognizer.load(result.model_path).backend.model.fine_active
+
+
+def test_presence_loss_logged_by_default(finished_run):
+    result, _ = finished_run
+    assert grep("Character-presence loss: weight 1.0, on the coarse head", result.log_file)
+
+
+def test_presence_loss_off_is_logged(generated_folder, tmp_path):
+    config = _tiny_config(generated_folder, tmp_path, epochs=1, presence_weight=0.0)
+    result = train(config, console=False, progress=False)
+    assert result.status == "completed", result.error
+    assert grep("Character-presence loss: off", result.log_file)
 
 
 def test_labels_too_long_for_coarse_head_start_fine(tmp_path):

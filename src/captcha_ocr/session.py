@@ -392,6 +392,10 @@ def _setup(
             logger.info("Weight average: exponential moving average, decay %s per step (validation and saved models use it)", config.ema_decay)
         else:
             logger.info("Weight average: off")
+        if config.presence_weight > 0:
+            logger.info("Character-presence loss: weight %s, on the coarse head", config.presence_weight)
+        else:
+            logger.info("Character-presence loss: off")
         logger.info("Precision: %s", config.precision)
     if payload is not None:
         trainer.load_payload(payload)
