@@ -202,6 +202,24 @@ def test_gpu_checkpoint_resumes_on_cpu(small_images, tmp_path, monkeypatch):
     assert proc.metrics_epochs(second.run_dir) == [1, 2]
 
 
+def test_older_checkpoint_resumes_without_presence_loss(small_images, tmp_path):
+    first = train(tiny(small_images, tmp_path, epochs=1), console=False, progress=False)
+    assert first.status == "completed", first.error
+    last = first.run_dir / "checkpoints" / "last.pt"
+    payload = load_checkpoint(last)
+    del payload["train_config"]["presence_weight"]
+    save_atomic(payload, last)
+
+    second = train(
+        tiny(small_images, tmp_path, epochs=1), resume=first.session_id, overrides={"epochs": 2},
+        console=False, progress=False,
+    )
+    assert second.status == "completed", second.error
+    log = second.log_file.read_text(encoding="utf-8")
+    assert "Character-presence loss: off" in log
+    assert load_checkpoint(last)["train_config"]["presence_weight"] == 0.0
+
+
 # ------------------------------------------------------------ atomic writes
 
 

@@ -243,6 +243,8 @@ def _train(
         if payload.get("kind") != "training":
             raise CheckpointError(f"{checkpoint_path}: a model file, not a training checkpoint; resume from a run ID")
         saved = dict(payload["train_config"])
+        # Checkpoints saved before the presence loss existed trained without it.
+        saved.setdefault("presence_weight", 0.0)
         ignored = [
             key for key, value in overrides.items()
             if key not in RESUME_OVERRIDABLE and key != "output_dir" and saved.get(key) != value
