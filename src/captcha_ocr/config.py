@@ -62,7 +62,7 @@ class TrainConfig:
     label_column: str | None = _option(None, "manifest column holding labels (default: detected)")
     height: int = _option(48, "image height in pixels after resizing (a multiple of 16)")
     width: int = _option(192, "image width in pixels after resizing; the model emits 2 output steps per whole 16 pixels of width (24 at 192), and a label needs one per character plus one between equal neighbours")
-    epochs: int = _option(100, "maximum number of epochs")
+    epochs: int = _option(60, "maximum number of epochs")
     batch_size: int = _option(32, "images per optimizer step on each process")
     lr: float = _option(3e-3, "peak learning rate of Adam")
     weight_decay: float = _option(1e-5, "Adam weight decay")
