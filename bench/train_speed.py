@@ -5,8 +5,9 @@ alternate between them (and swap order every round), so a busy neighbour on the
 machine slows both alike. A step is forward, loss, backward, gradient
 clipping (ours only, as the trainer does) and an Adam step. Our loss is the
 trainer's once the fine head is active: CTC on both heads plus the
-character-presence loss. Image decoding and augmentation are left out. FLOPs per image come from FlopCounterMode over
-forward and backward, and are set against the machine's float32 torch.mm peak.
+character-presence loss. Image decoding and augmentation are left out. FLOPs
+per image come from FlopCounterMode over forward and backward, and are set
+against the machine's float32 torch.mm peak.
 
     python bench/train_speed.py            # about 5 minutes
     python bench/train_speed.py --quick    # smoke run, under a minute
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,7 @@ from captcha_ocr.charset import Codec
 from captcha_ocr.config import TrainConfig
 from captcha_ocr.data.images import Preprocessing, load_image, to_model_input
 from captcha_ocr.model import CRNN, ModelConfig, count_parameters
-from captcha_ocr.training.loop import presence_loss
+from captcha_ocr.training.loop import training_loss
 
 FLOP_COUNT_IMAGES = 2
 
@@ -61,7 +63,7 @@ class Contender:
     batch_size: int
     grad_clip: float = 0.0
     # Called as loss_fn(model, images, targets, lengths). When None, the step uses CTC on the output.
-    loss_fn: Any = None
+    loss_fn: Callable[..., torch.Tensor] | None = None
     windows: list[tuple[int, float]] = field(default_factory=list)
     cursor: int = 0
 
@@ -110,14 +112,12 @@ def _ctc_loss(logits: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor
     return F.ctc_loss(log_probs, targets, input_lengths, lengths, blank=0, reduction="mean")
 
 
-def trainer_loss(presence_weight: float):
+def trainer_loss(presence_weight: float) -> Callable[..., torch.Tensor]:
     """Return the loss our trainer minimises once the fine head is active: the most work per step."""
 
     def loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         coarse, fine = model(images, both_heads=True)
-        total = _ctc_loss(coarse, targets, lengths) + _ctc_loss(fine, targets, lengths)
-        if presence_weight > 0:
-            total = total + presence_weight * presence_loss(coarse, targets, lengths)
+        total, _ = training_loss(coarse, fine, targets, lengths, presence_weight=presence_weight, fine_active=True)
         return total
 
     return loss

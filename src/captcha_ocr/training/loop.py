@@ -87,12 +87,43 @@ def presence_loss(logits: torch.Tensor, targets: torch.Tensor, lengths: torch.Te
     """
     log_probs = logits.float().log_softmax(2)[:, :, 1:]  # (T, N, C-1), blank left out
     peak = log_probs.max(dim=0).values  # (N, C-1)
+    lengths = lengths.to(peak.device)
     present = torch.zeros_like(peak)
-    rows = torch.repeat_interleave(torch.arange(len(lengths), device=peak.device), lengths.to(peak.device))
+    rows = torch.repeat_interleave(torch.arange(len(lengths), device=peak.device), lengths)
     present[rows, targets - 1] = 1.0
     absent_log = torch.log1p(-peak.exp().clamp(max=1.0 - 1e-6))
     per_image = -(present * peak + (1.0 - present) * absent_log).sum(dim=1)
-    return (per_image / lengths.to(peak.device).clamp(min=1)).mean()
+    return (per_image / lengths.clamp(min=1)).mean()
+
+
+def training_loss(
+    coarse: torch.Tensor,
+    fine: torch.Tensor | None,
+    targets: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    presence_weight: float,
+    fine_active: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the loss to minimise and the CTC loss of the output head, which the log reports.
+
+    The loss to minimise is the coarse head's CTC loss and its weighted
+    presence loss, plus the fine head's CTC loss once that head is active.
+    The coarse CTC loss uses ``zero_infinity``, because a label may need more
+    steps than the coarse head has while the fine head has enough.
+    """
+    coarse_loss = _ctc_loss(coarse, targets, lengths, zero_infinity=fine is not None)
+    total = coarse_loss
+    if presence_weight > 0:
+        total = total + presence_weight * presence_loss(coarse, targets, lengths)
+    if fine is None:
+        return total, coarse_loss
+    if fine_active:
+        fine_loss = _ctc_loss(fine, targets, lengths, zero_infinity=False)
+        return total + fine_loss, fine_loss
+    # The zero term gives the idle fine head gradients (of zero), which
+    # DistributedDataParallel requires of every parameter.
+    return total + 0.0 * fine.float().sum(), coarse_loss
 
 
 def precision_dtype(precision: str) -> torch.dtype | None:
@@ -448,28 +479,13 @@ class Trainer:
         return (total_loss / total_seen if total_seen else math.nan), int(total_seen)
 
     def _loss(self, images: torch.Tensor, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the loss to minimise and the CTC loss of the output head, which the log reports.
-
-        The loss to minimise is the coarse head's CTC loss, plus the fine
-        head's once it is active. The coarse loss uses ``zero_infinity``,
-        because a label may need more steps than the coarse head has while
-        the fine head has enough.
-        """
+        """Return the loss to minimise and the CTC loss of the output head (see :func:`training_loss`)."""
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             coarse, fine = self.network(images, both_heads=True)
-        targets = batch.targets.to(self.device)
-        coarse_loss = _ctc_loss(coarse, targets, batch.target_lengths, zero_infinity=fine is not None)
-        total = coarse_loss
-        if self.config.presence_weight > 0:
-            total = total + self.config.presence_weight * presence_loss(coarse, targets, batch.target_lengths)
-        if fine is None:
-            return total, coarse_loss
-        if self.model.fine_active:
-            fine_loss = _ctc_loss(fine, targets, batch.target_lengths, zero_infinity=False)
-            return total + fine_loss, fine_loss
-        # The zero term gives the idle fine head gradients (of zero), which
-        # DistributedDataParallel requires of every parameter.
-        return total + 0.0 * fine.float().sum(), coarse_loss
+        return training_loss(
+            coarse, fine, batch.targets.to(self.device), batch.target_lengths,
+            presence_weight=self.config.presence_weight, fine_active=self.model.fine_active,
+        )
 
     def _maybe_activate_fine_head(self, val_accuracy: float) -> bool:
         """Switch the output to the fine head once the coarse head reads well enough."""
