@@ -1,9 +1,16 @@
+import itertools
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from captcha_ocr.charset import BLANK_INDEX, Codec, min_ctc_steps, resolve_charset
+from captcha_ocr.charset import (
+    BLANK_INDEX,
+    Codec,
+    best_paths_of_length,
+    min_ctc_steps,
+    resolve_charset,
+)
 from tests.conftest import CASES, require
 
 
@@ -91,3 +98,59 @@ def test_resolve_named_and_literal_charsets():
 
 def test_unknown_chars_in_order():
     assert Codec("abc").unknown_chars("axbyx") == "xy"
+
+
+def _collapsed_length(path) -> int:
+    return len(Codec("abc").decode_indices(path))
+
+
+def test_best_paths_of_length_match_exhaustive_search():
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        steps, classes = int(rng.integers(1, 6)), int(rng.integers(2, 5))
+        log_probs = np.log(rng.dirichlet(np.ones(classes), size=(steps, 2)))
+        lengths = {int(n) for n in rng.choice(4, size=int(rng.integers(1, 3)))}
+        paths, found = best_paths_of_length(log_probs, lengths)
+        for n in range(2):
+            scores = [
+                sum(log_probs[t, n, c] for t, c in enumerate(path))
+                for path in itertools.product(range(classes), repeat=steps)
+                if _collapsed_length(path) in lengths
+            ]
+            assert found[n] == bool(scores)
+            if scores:
+                assert _collapsed_length(paths[:, n]) in lengths
+                assert sum(log_probs[t, n, c] for t, c in enumerate(paths[:, n])) == pytest.approx(max(scores))
+
+
+def test_kept_length_restores_a_merged_repeat():
+    # The best path reads "g88x": the blank between the last two 8s is only second best.
+    codec = Codec("8gx")
+    eight, g, x = (codec.encode(c)[0] for c in "8gx")
+    path = [g, BLANK_INDEX, eight, BLANK_INDEX, eight, eight, eight, x]
+    probs = one_hot_path(codec, path)
+    probs[5, 0, BLANK_INDEX] = 0.6
+    probs[5, 0, eight] = 0.62
+    probs /= probs.sum(axis=2, keepdims=True)
+    (greedy_text, greedy_confidence), = codec.decode(probs)
+    (kept_text, kept_confidence), = codec.decode(probs, lengths=[5])
+    assert greedy_text == "g88x"
+    assert kept_text == "g888x"
+    assert 0.0 < kept_confidence < greedy_confidence
+
+
+def test_kept_length_leaves_allowed_readings_alone():
+    codec = Codec("ab")
+    a, b = codec.encode("ab")
+    probs = one_hot_path(codec, [a, BLANK_INDEX, b, b])
+    assert codec.decode(probs, lengths=[2, 4]) == codec.decode(probs)
+
+
+def test_kept_length_too_long_for_the_steps_keeps_best_path():
+    codec = Codec("ab")
+    a, b = codec.encode("ab")
+    probs = one_hot_path(codec, [a, b])
+    paths, found = best_paths_of_length(np.log(probs), [3])
+    assert not found[0]
+    assert codec.decode(probs, lengths=[3]) == codec.decode(probs)
+    assert codec.decode(probs, lengths=[3])[0][0] == "ab"

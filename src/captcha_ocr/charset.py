@@ -1,4 +1,4 @@
-"""The CTC codec: alphabet, blank index, label encoding and greedy decoding.
+"""The CTC codec: alphabet, blank index, label encoding and decoding.
 
 The codec works on plain Python and NumPy values so that prediction from an
 exported ONNX file needs no PyTorch.
@@ -6,12 +6,14 @@ exported ONNX file needs no PyTorch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 BLANK_INDEX = 0
+# Log-probability of an impossible decoding state.
+_IMPOSSIBLE = -1e30
 
 NAMED_CHARSETS: dict[str, str] = {
     "digits": "0123456789",
@@ -53,6 +55,82 @@ def min_ctc_steps(label: str) -> int:
     """
     repeats = sum(1 for a, b in zip(label, label[1:]) if a == b)
     return len(label) + repeats
+
+
+def best_paths_of_length(log_probs: np.ndarray, lengths: Collection[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Find each image's most probable CTC path among those that read ``lengths`` characters.
+
+    ``log_probs`` has shape (T, N, C), class 0 the blank. Returns the paths
+    (T, N) and a (N,) mask of the images for which such a path exists. An
+    image without one keeps its unconstrained best path.
+
+    The best path overall (greedy decoding) can merge two equal neighbours
+    into one character when the model puts no blank between them, reading
+    ``g888x`` as ``g88x``. Where every label has five characters, the best
+    five-character path usually keeps the blank the greedy path dropped.
+    This is a Viterbi search over states (characters read so far, last class).
+    """
+    steps, count, classes = log_probs.shape
+    allowed = sorted({int(n) for n in lengths if int(n) >= 0})
+    greedy = log_probs.argmax(axis=2)
+    if not allowed or steps == 0 or count == 0:
+        return greedy, np.zeros(count, dtype=bool)
+    longest = allowed[-1]
+    states = longest + 1
+    chars = classes - 1
+    read = np.arange(states)
+    # score[n, k, s]: best log-probability of a path that has read k characters and whose last class is s.
+    score = np.full((count, states, classes), _IMPOSSIBLE)
+    score[:, 0, BLANK_INDEX] = log_probs[0, :, BLANK_INDEX]
+    if longest >= 1:
+        score[:, 1, 1:] = log_probs[0, :, 1:]
+    back_read = np.zeros((steps, count, states, classes), dtype=np.int16)
+    back_class = np.zeros((steps, count, states, classes), dtype=np.int16)
+    char_index = np.arange(1, classes)
+    for t in range(1, steps):
+        new = np.empty_like(score)
+        # A blank keeps the count and may follow any class.
+        last = score.argmax(axis=2)  # (N, K)
+        new[:, :, BLANK_INDEX] = np.take_along_axis(score, last[:, :, None], axis=2)[:, :, 0] + log_probs[t, :, None, BLANK_INDEX]
+        back_read[t, :, :, BLANK_INDEX] = read
+        back_class[t, :, :, BLANK_INDEX] = last
+        # A character c either repeats the previous step's c (same count) or starts
+        # a new character after a blank or after a different character (count - 1).
+        before = np.full_like(score, _IMPOSSIBLE)
+        before[:, 1:] = score[:, :-1]
+        before_chars = before[:, :, 1:]  # (N, K, C-1)
+        if chars >= 2:
+            order = np.argsort(-before_chars, axis=2)[:, :, :2]
+            first, second = order[:, :, 0:1], order[:, :, 1:2]
+            first_score = np.take_along_axis(before_chars, first, axis=2)
+            second_score = np.take_along_axis(before_chars, second, axis=2)
+            is_first = np.arange(chars)[None, None, :] == first
+            other_score = np.where(is_first, second_score, first_score)
+            other_class = np.where(is_first, second, first) + 1
+        else:
+            other_score = np.full_like(before_chars, _IMPOSSIBLE)
+            other_class = np.zeros(before_chars.shape, dtype=np.int64)
+        options = np.stack(
+            [score[:, :, 1:], np.broadcast_to(before[:, :, BLANK_INDEX : BLANK_INDEX + 1], before_chars.shape), other_score]
+        )
+        choice = options.argmax(axis=0)
+        new[:, :, 1:] = options.max(axis=0) + log_probs[t, :, None, 1:]
+        back_read[t, :, :, 1:] = np.where(choice == 0, read[None, :, None], read[None, :, None] - 1)
+        back_class[t, :, :, 1:] = np.where(choice == 0, char_index, np.where(choice == 1, BLANK_INDEX, other_class))
+        score = new
+    final = score[:, allowed, :].reshape(count, -1)  # (N, len(allowed) * C)
+    best = final.argmax(axis=1)
+    found = final[np.arange(count), best] > _IMPOSSIBLE / 2
+    k = np.asarray(allowed)[best // classes]
+    s = best % classes
+    paths = np.empty((steps, count), dtype=np.int64)
+    rows = np.arange(count)
+    for t in range(steps - 1, -1, -1):
+        paths[t] = s
+        if t:
+            k, s = back_read[t, rows, k, s], back_class[t, rows, k, s]
+    paths[:, ~found] = greedy[:, ~found]
+    return paths, found
 
 
 @dataclass(frozen=True)
@@ -109,25 +187,49 @@ class Codec:
         return "".join(chars)
 
     def decode_greedy(self, probs: np.ndarray) -> list[tuple[str, float]]:
-        """Decode a batch of per-step class probabilities with the best path.
+        """Decode a batch of per-step class probabilities (T, N, C) with the best path; see :meth:`decode`."""
+        return self.decode(probs)
+
+    def decode_paths(self, log_probs: np.ndarray, lengths: Collection[int] | None = None) -> np.ndarray:
+        """Return the best path (T, N) of each image, kept to ``lengths`` characters where given.
+
+        Images whose best path already reads an allowed number of characters
+        keep it. The others get their best path among those that do.
+        """
+        paths = log_probs.argmax(axis=2)
+        if not lengths:
+            return paths
+        allowed = set(lengths)
+        wrong = [n for n in range(paths.shape[1]) if len(self.decode_indices(paths[:, n])) not in allowed]
+        if wrong:
+            fixed, _ = best_paths_of_length(log_probs[:, wrong], allowed)
+            paths[:, wrong] = fixed
+        return paths
+
+    def decode(self, probs: np.ndarray, lengths: Collection[int] | None = None) -> list[tuple[str, float]]:
+        """Decode a batch of per-step class probabilities into (text, confidence) pairs.
 
         ``probs`` has shape (T, N, C) and contains probabilities (softmax output).
-        Confidence is the product of the best-path probabilities over the steps
-        that emit a character, so a blank-heavy but certain read scores near 1;
-        an empty read gets the mean blank probability.
+        With ``lengths``, a reading keeps to those label lengths (see
+        :func:`best_paths_of_length`). Confidence is the product of the path's
+        probabilities over the steps that emit a character, so a blank-heavy
+        but certain read scores near 1; an empty read gets the mean probability
+        of its path.
         """
-        best = probs.argmax(axis=2)  # (T, N)
-        best_prob = probs.max(axis=2)  # (T, N)
+        with np.errstate(divide="ignore"):
+            log_probs = np.log(probs)
+        paths = self.decode_paths(log_probs, lengths)
+        path_prob = np.take_along_axis(probs, paths[:, :, None], axis=2)[:, :, 0]  # (T, N)
         results = []
-        for n in range(best.shape[1]):
-            path = best[:, n]
+        for n in range(paths.shape[1]):
+            path = paths[:, n]
             text = self.decode_indices(path)
             emitting = np.ones(len(path), dtype=bool)
             emitting[1:] = path[1:] != path[:-1]
             emitting &= path != BLANK_INDEX
             if emitting.any():
-                confidence = float(np.prod(best_prob[emitting, n]))
+                confidence = float(np.prod(path_prob[emitting, n]))
             else:
-                confidence = float(best_prob[:, n].mean())
+                confidence = float(path_prob[:, n].mean())
             results.append((text, confidence))
         return results
