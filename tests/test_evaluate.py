@@ -153,6 +153,22 @@ def test_model_file_scores_its_best_epoch(trained, generated_folder, capsys):
 
 
 @pytest.mark.slow
+def test_reading_lengths_reported_and_lifted(trained, generated_folder, capsys):
+    result, output = trained
+    code, out, _ = _evaluate_cli(capsys, result.model_path, generated_folder, "--output-dir", output)
+    assert code == 0
+    assert "Reading lengths: 4 characters" in out
+    report = json.loads(_report_path(out).read_text(encoding="utf-8"))
+    assert report["model"]["label_lengths"] == [4]
+    assert all(len(p["prediction"]) == 4 for p in report["predictions"])
+
+    code, out, _ = _evaluate_cli(capsys, result.model_path, generated_folder, "--output-dir", output, "--any-length")
+    assert code == 0
+    assert "Reading lengths: any" in out
+    assert json.loads(_report_path(out).read_text(encoding="utf-8"))["model"]["label_lengths"] is None
+
+
+@pytest.mark.slow
 def test_other_seed_reports_other_files(trained, generated_folder, capsys):
     result, output = trained
     code, out, _ = _evaluate_cli(capsys, result.model_path, generated_folder, "--val-split", "0.25", "--seed", "7", "--output-dir", output)

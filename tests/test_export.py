@@ -69,6 +69,7 @@ def test_metadata_is_json_for_prediction(tiny_trained_model, tiny_onnx_model):
     assert props["preprocessing"] == Preprocessing.from_dict(payload["preprocessing"]).to_dict()
     assert props["model_config"] == payload["model_config"]
     assert props["ignore_case"] is False
+    assert props["label_lengths"] == payload["label_lengths"] == [4]
     assert props["session_id"] == payload["session_id"] == tiny_trained_model.run_dir.name
     assert props["metrics"]["epoch"] == payload["epoch"]
     assert Recognizer.load(tiny_onnx_model).metadata["format"] == "captcha-ocr-onnx"

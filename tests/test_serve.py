@@ -106,6 +106,7 @@ def test_health_describes_the_model_and_limits(client, tiny_trained_model):
     assert body["model"]["format"] == "captcha-ocr-onnx"
     assert body["model"]["session_id"] == tiny_trained_model.run_dir.name
     assert body["model"]["preprocessing"]["max_pixels"] == LIMITS.max_pixels
+    assert body["model"]["label_lengths"] == [4]
     assert body["limits"] == {"max_upload_bytes": 256_000, "max_pixels": 1_000_000, "max_batch_size": 4}
     assert body["batching"]["enabled"] is True
 

@@ -208,11 +208,26 @@ def test_presence_loss_logged_by_default(finished_run):
     assert grep("Character-presence loss: weight 1.0, on the coarse head", result.log_file)
 
 
+def test_reading_lengths_logged_and_saved(finished_run):
+    result, _ = finished_run
+    assert grep("Reading lengths: 4 characters, the label lengths of the training set", result.log_file)
+    assert Recognizer.load(result.model_path).label_lengths == [4]
+    assert Recognizer.load(result.model_path, any_length=True).label_lengths is None
+
+
 def test_presence_loss_off_is_logged(generated_folder, tmp_path):
     config = _tiny_config(generated_folder, tmp_path, epochs=1, presence_weight=0.0)
     result = train(config, console=False, progress=False)
     assert result.status == "completed", result.error
     assert grep("Character-presence loss: off", result.log_file)
+
+
+def test_any_reading_length_is_logged(generated_folder, tmp_path):
+    config = _tiny_config(generated_folder, tmp_path, epochs=1, keep_lengths=False)
+    result = train(config, console=False, progress=False)
+    assert result.status == "completed", result.error
+    assert grep("Reading lengths: any", result.log_file)
+    assert Recognizer.load(result.model_path).label_lengths is None
 
 
 def test_labels_too_long_for_coarse_head_start_fine(tmp_path):

@@ -11,6 +11,11 @@ from typing import Any
 
 REGISTRARS: list = []
 
+ANY_LENGTH_HELP = (
+    "read any number of characters (by default, a model trained with --keep-lengths reads only "
+    "the label lengths of its training set)"
+)
+
 
 # --------------------------------------------------------------------- evaluate
 def register_evaluate(commands: Any) -> None:
@@ -39,6 +44,7 @@ def register_evaluate(commands: Any) -> None:
     parser.add_argument("--sheet", metavar="PATH", help="also draw the misread images, true and read labels under each, into this PNG")
     parser.add_argument("--worst", type=int, default=10, metavar="N", help="number of worst mistakes to list (default: 10)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N for .pth models (default: cuda when available)")
+    parser.add_argument("--any-length", action="store_true", help=ANY_LENGTH_HELP)
     parser.add_argument("--output-dir", default="outputs", help="folder for logs/ and evaluations/ (default: outputs)")
     parser.set_defaults(handler=_cmd_evaluate)
 
@@ -53,7 +59,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     settings = EvaluationSettings(
         ignore_case=args.ignore_case, label_pattern=args.label_pattern, path_column=args.path_column,
         label_column=args.label_column, val_split=args.val_split, seed=args.seed,
-        batch_size=args.batch_size, worst=args.worst,
+        batch_size=args.batch_size, worst=args.worst, any_length=args.any_length,
     )
     evaluation = run_evaluation(
         args.model, args.data, settings, output_dir=args.output_dir,
@@ -197,6 +203,7 @@ def register_serve(commands: Any) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=_port, default=8000, help="TCP port, 1 to 65535 (default: 8000)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N for .pth models (default: cuda when available)")
+    parser.add_argument("--any-length", action="store_true", help=ANY_LENGTH_HELP)
     parser.add_argument("--max-upload-bytes", type=int, default=8 * 2**20, help="largest request body in bytes (default: 8388608)")
     parser.add_argument("--max-pixels", type=int, default=4_000_000, help="reject images with more pixels, before decoding them (default: 4000000)")
     parser.add_argument("--max-batch-size", type=int, default=64, help="maximum images in one /predict/batch request (default: 64)")
@@ -225,7 +232,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_upload_bytes=args.max_upload_bytes, max_pixels=args.max_pixels, max_batch_size=args.max_batch_size,
         batching=args.batching, batch_wait_ms=args.batch_wait_ms, batch_max_images=args.batch_max_images,
     )
-    return serve(args.model, host=args.host, port=args.port, settings=settings, device=args.device, log_file=args.log_file)
+    return serve(args.model, host=args.host, port=args.port, settings=settings, device=args.device, log_file=args.log_file,
+        any_length=args.any_length,
+    )
 
 
 REGISTRARS.extend([register_export, register_serve])

@@ -106,6 +106,11 @@ class TrainConfig:
         "weight of the character-presence loss on the coarse head, which asks that each character "
         "of the label appear at some step and no other character at any; 0: off",
     )
+    keep_lengths: bool = _option(
+        True,
+        "read only the label lengths seen in training: where the best reading has another length, "
+        "take the most probable reading that has one of them (the model file records the lengths)",
+    )
     max_pixels: int = _option(DEFAULT_MAX_PIXELS, "images with more pixels are refused before decoding")
     too_long_labels: str = _option(
         "error", "labels the model cannot emit at this width: error (stop before training) or skip",

@@ -68,6 +68,8 @@ class EvaluationSettings:
     batch_size: int = 64
     worst: int = 10
     confusions: int = 10
+    # Read any length even where the model keeps to its training set's label lengths.
+    any_length: bool = False
 
 
 @dataclass
@@ -357,6 +359,8 @@ def format_report(report_data: dict[str, Any]) -> list[str]:
     else:
         lines.append(f"Evaluated: {results['count']} images")
     lines.append("Case: " + ("folded to lower case" if settings["ignore_case"] else "compared exactly"))
+    lengths = model.get("label_lengths")
+    lines.append("Reading lengths: " + (f"{', '.join(map(str, lengths))} characters" if lengths else "any"))
     if data.get("unknown_characters"):
         lines.append(f"Labels with characters the model cannot emit: {data['unknown_characters']!r}")
 
@@ -442,6 +446,7 @@ def _model_part(recognizer: Any, model_path: Path) -> dict[str, Any]:
         "alphabet": recognizer.codec.alphabet,
         "preprocessing": recognizer.preprocessing.to_dict(),
         "trained_ignore_case": bool(metadata.get("ignore_case", False)),
+        "label_lengths": recognizer.label_lengths,
     }
 
 
@@ -537,7 +542,7 @@ def run_evaluation(
         logger.info("Log file: %s", log_file)
         logger.info("Command: %s", " ".join(sys.argv))
         model_path = Path(model)
-        recognizer = Recognizer.load(model_path, device=device)
+        recognizer = Recognizer.load(model_path, device=device, any_length=settings.any_length)
         report_data, data = evaluate(recognizer, sources, settings, model_path, output_dir)
         report_data = {"evaluation_id": evaluation_id, "created_at": datetime.now().isoformat(timespec="seconds"), **report_data}
         lines = format_report(report_data)

@@ -132,6 +132,7 @@ def onnx_metadata(payload: dict[str, Any], source: Path, opset: int, exporter: s
         "preprocessing": Preprocessing.from_dict(payload["preprocessing"]).to_dict(),
         "model_config": payload["model_config"],
         "ignore_case": bool(payload.get("ignore_case", False)),
+        "label_lengths": payload.get("label_lengths"),
         "session_id": payload.get("session_id"),
         "epoch": payload.get("epoch"),
         "metrics": payload.get("metrics", {}),
@@ -347,8 +348,8 @@ def compare(model: CRNN, recognizer: Recognizer, images: CheckImages, tolerance:
             raise VerificationError(f"ONNX logits have shape {actual.shape}, PyTorch gives {expected.shape}")
         max_diff = max(max_diff, float(np.abs(actual - expected).max()))
         batch_sizes.append(len(inputs))
-        torch_texts = codec.decode_greedy(softmax(expected, axis=2))
-        onnx_texts = codec.decode_greedy(softmax(actual, axis=2))
+        torch_texts = codec.decode(softmax(expected, axis=2), recognizer.label_lengths)
+        onnx_texts = codec.decode(softmax(actual, axis=2), recognizer.label_lengths)
         names = images.names[part]
         for name, (want, _), (got, _) in zip(names, torch_texts, onnx_texts, strict=True):
             if want != got:

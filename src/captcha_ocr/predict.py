@@ -86,11 +86,23 @@ class Recognizer:
         self.codec = codec
         self.preprocessing = preprocessing
         self.metadata = metadata
+        # Readings keep to these label lengths (those of the training set); None reads any length.
+        self.label_lengths: list[int] | None = metadata.get("label_lengths") or None
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | None = None) -> Recognizer:
-        """Load a ``.pth`` model or checkpoint file, or an exported ``.onnx`` file."""
-        path = Path(path)
+    def load(cls, path: str | os.PathLike, device: str | None = None, any_length: bool = False) -> Recognizer:
+        """Load a ``.pth`` model or checkpoint file, or an exported ``.onnx`` file.
+
+        A model trained with ``keep_lengths`` (the default) reads only the
+        label lengths of its training set; ``any_length`` lifts that.
+        """
+        recognizer = cls._load(Path(path), device)
+        if any_length:
+            recognizer.label_lengths = None
+        return recognizer
+
+    @classmethod
+    def _load(cls, path: Path, device: str | None) -> Recognizer:
         if path.is_dir():
             raise ValueError(f"{path}: a folder, not a model file; give a .pth or .onnx file")
         if not path.is_file():
@@ -128,6 +140,7 @@ class Recognizer:
             "model_config": payload["model_config"],
             "preprocessing": payload["preprocessing"],
             "ignore_case": payload.get("ignore_case", False),
+            "label_lengths": payload.get("label_lengths"),
         }
         return cls(backend, Codec(payload["alphabet"]), Preprocessing.from_dict(payload["preprocessing"]), metadata)
 
@@ -157,7 +170,7 @@ class Recognizer:
         """Read a batch of already decoded uint8 pixels of shape (N, H, W)."""
         inputs = to_model_input(pixels, self.preprocessing)
         probs = softmax(self.backend.logits(inputs), axis=2)  # (T, N, C)
-        return [Prediction(text, confidence) for text, confidence in self.codec.decode_greedy(probs)]
+        return [Prediction(text, confidence) for text, confidence in self.codec.decode(probs, self.label_lengths)]
 
     def predict(self, image: ImageInput) -> Prediction:
         """Read one image given as a path, bytes or a PIL image."""

@@ -401,6 +401,7 @@ class Service:
                 "format": metadata.get("format"),
                 **{key: metadata.get(key) for key in ("session_id", "epoch", "metrics", "model_config", "ignore_case")},
                 "preprocessing": self.preprocessing.to_dict(),
+                "label_lengths": self.recognizer.label_lengths,
             },
             "limits": {
                 "max_upload_bytes": settings.max_upload_bytes,
@@ -543,6 +544,7 @@ def serve(
     settings: ServeSettings | None = None,
     device: str | None = None,
     log_file: str | Path | None = None,
+    any_length: bool = False,
 ) -> int:
     """Load ``model_path`` and serve requests on ``host:port`` until interrupted."""
     import uvicorn
@@ -551,7 +553,7 @@ def serve(
 
     setup_logging(Path(log_file) if log_file else None, console=True)
     _route_server_logs()
-    recognizer = Recognizer.load(model_path, device=device)
+    recognizer = Recognizer.load(model_path, device=device, any_length=any_length)
     app = create_app(recognizer, settings)
     settings = app.state.service.settings
     logger.info(

@@ -370,6 +370,8 @@ def _setup(
         "preprocessing": preprocessing.to_dict(),
         "ignore_case": config.ignore_case,
         "session_id": paths.session_id,
+        # Readings keep to these lengths; None reads any length.
+        "label_lengths": sorted({len(label) for label in prepared.train.labels}) if config.keep_lengths else None,
     }
     board = open_tensorboard(run.path / "tensorboard") if run is not None and config.tensorboard else None
     trainer = Trainer(
@@ -398,6 +400,11 @@ def _setup(
             logger.info("Character-presence loss: weight %s, on the coarse head", config.presence_weight)
         else:
             logger.info("Character-presence loss: off")
+        if model_info["label_lengths"]:
+            shown = ", ".join(str(n) for n in model_info["label_lengths"])
+            logger.info("Reading lengths: %s characters, the label lengths of the training set", shown)
+        else:
+            logger.info("Reading lengths: any")
         logger.info("Precision: %s", config.precision)
     if payload is not None:
         trainer.load_payload(payload)

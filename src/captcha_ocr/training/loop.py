@@ -537,7 +537,7 @@ class Trainer:
             batch.target_lengths, blank=0, reduction="none", zero_infinity=False,
         )
         losses = losses.cpu() / batch.target_lengths.clamp(min=1)
-        best_paths = log_probs.argmax(2).cpu().numpy()  # (T, N)
+        best_paths = self.codec.decode_paths(log_probs.cpu().numpy(), self.model_info.get("label_lengths"))  # (T, N)
         texts = [self.codec.decode_indices(best_paths[:, n]) for n in range(count)]
         return texts, losses
 
