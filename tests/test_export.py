@@ -75,6 +75,30 @@ def test_metadata_is_json_for_prediction(tiny_trained_model, tiny_onnx_model):
     assert Recognizer.load(tiny_onnx_model).metadata["format"] == "captcha-ocr-onnx"
 
 
+@pytest.mark.parametrize("value", ['"five"', "[0]", "[4.5]", "[true]", '{"4": 1}'])
+def test_invalid_label_lengths_metadata_rejected(tiny_onnx_model, tmp_path, capsys, value):
+    graph = onnx.load(str(tiny_onnx_model))
+    for prop in graph.metadata_props:
+        if prop.key == "label_lengths":
+            prop.value = value
+    broken = tmp_path / "broken.onnx"
+    onnx.save(graph, str(broken))
+    with pytest.raises(ValueError, match="invalid label_lengths"):
+        Recognizer.load(broken)
+    assert main(["predict", str(broken), str(tmp_path)]) == 2
+    assert "invalid label_lengths" in capsys.readouterr().err
+
+
+def test_empty_label_lengths_metadata_reads_any_length(tiny_onnx_model, tmp_path):
+    graph = onnx.load(str(tiny_onnx_model))
+    for prop in graph.metadata_props:
+        if prop.key == "label_lengths":
+            prop.value = "null"
+    unconstrained = tmp_path / "any.onnx"
+    onnx.save(graph, str(unconstrained))
+    assert Recognizer.load(unconstrained).label_lengths is None
+
+
 def test_cli_export_prints_the_check(tiny_trained_model, tmp_path, capsys):
     out = tmp_path / "cli.onnx"
     code = main(["export", str(tiny_trained_model.model), "--out", str(out), "--verify-data", str(tiny_trained_model.val_dir)])

@@ -78,6 +78,18 @@ class _OnnxBackend:
         return self.session.run(None, {self.input_name: inputs})[0]
 
 
+def _label_lengths(value: Any, path: Any) -> list[int] | None:
+    """Check the label lengths a model file records; an empty list or None means any length."""
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value):
+        raise ValueError(
+            f"{path}: invalid label_lengths {value!r} in the model file (expected a list of positive "
+            "integers); export or train the model again with this captcha-ocr version"
+        )
+    return sorted(set(value))
+
+
 class Recognizer:
     """A trained model ready to read images."""
 
@@ -87,7 +99,7 @@ class Recognizer:
         self.preprocessing = preprocessing
         self.metadata = metadata
         # Readings keep to these label lengths (those of the training set); None reads any length.
-        self.label_lengths: list[int] | None = metadata.get("label_lengths") or None
+        self.label_lengths: list[int] | None = _label_lengths(metadata.get("label_lengths"), metadata.get("path"))
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | None = None, any_length: bool = False) -> Recognizer:
