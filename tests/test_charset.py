@@ -146,7 +146,7 @@ def test_kept_length_leaves_allowed_readings_alone():
     assert codec.decode(probs, lengths=[2, 4]) == codec.decode(probs)
 
 
-def test_kept_length_too_long_for_the_steps_keeps_best_path():
+def test_unreachable_length_keeps_best_path():
     codec = Codec("ab")
     a, b = codec.encode("ab")
     probs = one_hot_path(codec, [a, b])

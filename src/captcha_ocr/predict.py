@@ -79,7 +79,7 @@ class _OnnxBackend:
 
 
 def _label_lengths(value: Any, path: Any) -> list[int] | None:
-    """Check the label lengths a model file records; an empty list or None means any length."""
+    """Check the label lengths a model file records. An empty list or None means any length."""
     if value is None or value == []:
         return None
     if not isinstance(value, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value):
@@ -98,7 +98,7 @@ class Recognizer:
         self.codec = codec
         self.preprocessing = preprocessing
         self.metadata = metadata
-        # Readings keep to these label lengths (those of the training set); None reads any length.
+        # Readings keep to these label lengths, those of the training set. None reads any length.
         self.label_lengths: list[int] | None = _label_lengths(metadata.get("label_lengths"), metadata.get("path"))
 
     @classmethod

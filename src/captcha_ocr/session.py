@@ -370,7 +370,7 @@ def _setup(
         "preprocessing": preprocessing.to_dict(),
         "ignore_case": config.ignore_case,
         "session_id": paths.session_id,
-        # Readings keep to these lengths; None reads any length.
+        # Readings keep to these lengths. None reads any length.
         "label_lengths": sorted({len(label) for label in prepared.train.labels}) if config.keep_lengths else None,
     }
     board = open_tensorboard(run.path / "tensorboard") if run is not None and config.tensorboard else None
@@ -401,8 +401,8 @@ def _setup(
         else:
             logger.info("Character-presence loss: off")
         if model_info["label_lengths"]:
-            shown = ", ".join(str(n) for n in model_info["label_lengths"])
-            logger.info("Reading lengths: %s characters, the label lengths of the training set", shown)
+            lengths_text = ", ".join(str(n) for n in model_info["label_lengths"])
+            logger.info("Reading lengths: %s characters, the label lengths of the training set", lengths_text)
         else:
             logger.info("Reading lengths: any")
         logger.info("Precision: %s", config.precision)
