@@ -14,6 +14,8 @@ import numpy as np
 BLANK_INDEX = 0
 # Log-probability of an impossible decoding state.
 _IMPOSSIBLE = -1e30
+# Images searched at once for a reading of an allowed length.
+LENGTH_SEARCH_CHUNK = 64
 
 NAMED_CHARSETS: dict[str, str] = {
     "digits": "0123456789",
@@ -201,9 +203,10 @@ class Codec:
             return paths
         allowed = set(lengths)
         wrong = [n for n in range(paths.shape[1]) if len(self.decode_indices(paths[:, n])) not in allowed]
-        if wrong:
-            fixed, _ = best_paths_of_length(log_probs[:, wrong], allowed)
-            paths[:, wrong] = fixed
+        # In chunks, because the search keeps back-pointers of size T x N x (longest + 1) x C.
+        for start in range(0, len(wrong), LENGTH_SEARCH_CHUNK):
+            chunk = wrong[start : start + LENGTH_SEARCH_CHUNK]
+            paths[:, chunk], _ = best_paths_of_length(log_probs[:, chunk], allowed)
         return paths
 
     def decode(self, probs: np.ndarray, lengths: Collection[int] | None = None) -> list[tuple[str, float]]:
