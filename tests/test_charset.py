@@ -154,3 +154,26 @@ def test_unreachable_length_keeps_best_path():
     assert not found[0]
     assert codec.decode(probs, lengths=[3]) == codec.decode(probs)
     assert codec.decode(probs, lengths=[3])[0][0] == "ab"
+
+
+def test_lengths_beyond_the_steps_are_dropped():
+    codec = Codec("ab")
+    a, b = codec.encode("ab")
+    probs = one_hot_path(codec, [a, BLANK_INDEX, b])
+    paths, found = best_paths_of_length(np.log(probs), [10**9])
+    assert not found[0]
+    assert codec.decode_indices(paths[:, 0]) == "ab"
+
+
+def test_lengths_given_as_array():
+    codec = Codec("ab")
+    a, b = codec.encode("ab")
+    probs = one_hot_path(codec, [a, a, b, b])
+    assert len(codec.decode(probs, np.array([3]))[0][0]) == 3
+    assert codec.decode(probs, np.array([], dtype=int)) == codec.decode(probs)
+
+
+def test_no_steps_read_empty():
+    (text, confidence), = Codec("ab").decode(np.zeros((0, 1, 3), dtype=np.float32), [2])
+    assert text == ""
+    assert confidence == 0.0

@@ -165,7 +165,25 @@ def test_reading_lengths_reported_and_lifted(trained, generated_folder, capsys):
     code, out, _ = _evaluate_cli(capsys, result.model_path, generated_folder, "--output-dir", output, "--any-length")
     assert code == 0
     assert "Reading lengths: any" in out
-    assert json.loads(_report_path(out).read_text(encoding="utf-8"))["model"]["label_lengths"] is None
+    report = json.loads(_report_path(out).read_text(encoding="utf-8"))
+    assert report["model"]["label_lengths"] is None
+    assert report["settings"]["any_length"] is True
+
+
+@pytest.mark.slow
+def test_labels_of_unread_lengths_reported(trained, tmp_path, capsys):
+    from captcha_ocr.data.generate import GenerateSettings, generate
+
+    result, output = trained
+    folder = tmp_path / "lengths"
+    generate(folder, GenerateSettings(count=6, min_length=3, max_length=6, charset="digits", seed=5), progress=False)
+    code, out, _ = _evaluate_cli(capsys, result.model_path, folder, "--output-dir", output)
+    assert code == 0
+    report = json.loads(_report_path(out).read_text(encoding="utf-8"))
+    expected = sorted({len(p["label"]) for p in report["predictions"]} - {4})
+    assert expected
+    assert report["data"]["unread_lengths"] == expected
+    assert f"Labels of lengths the model does not read: {', '.join(map(str, expected))} characters" in out
 
 
 @pytest.mark.slow

@@ -75,7 +75,7 @@ def test_metadata_is_json_for_prediction(tiny_trained_model, tiny_onnx_model):
     assert Recognizer.load(tiny_onnx_model).metadata["format"] == "captcha-ocr-onnx"
 
 
-@pytest.mark.parametrize("value", ['"five"', "[0]", "[4.5]", "[true]", '{"4": 1}'])
+@pytest.mark.parametrize("value", ['"five"', "5", "[0]", "[-1]", "[4.5]", "[true]", '{"4": 1}', '["4"]'])
 def test_invalid_label_lengths_metadata_rejected(tiny_onnx_model, tmp_path, capsys, value):
     graph = onnx.load(str(tiny_onnx_model))
     for prop in graph.metadata_props:

@@ -208,6 +208,7 @@ def test_older_checkpoint_resumes_without_presence_loss(small_images, tmp_path):
     last = first.run_dir / "checkpoints" / "last.pt"
     payload = load_checkpoint(last)
     del payload["train_config"]["presence_weight"]
+    del payload["train_config"]["keep_lengths"]
     save_atomic(payload, last)
 
     second = train(
@@ -217,7 +218,24 @@ def test_older_checkpoint_resumes_without_presence_loss(small_images, tmp_path):
     assert second.status == "completed", second.error
     log = second.log_file.read_text(encoding="utf-8")
     assert "Character-presence loss: off" in log
-    assert load_checkpoint(last)["train_config"]["presence_weight"] == 0.0
+    assert "Reading lengths: any" in log
+    saved = load_checkpoint(last)
+    assert saved["train_config"]["presence_weight"] == 0.0
+    assert saved["train_config"]["keep_lengths"] is False
+    assert saved["label_lengths"] is None
+
+
+def test_resume_warning_names_the_switch_given(small_images, tmp_path):
+    first = train(tiny(small_images, tmp_path, epochs=1), console=False, progress=False)
+    assert first.status == "completed", first.error
+    second = train(
+        tiny(small_images, tmp_path, epochs=1), resume=first.session_id,
+        overrides={"epochs": 2, "keep_lengths": False}, console=False, progress=False,
+    )
+    assert second.status == "completed", second.error
+    log = second.log_file.read_text(encoding="utf-8")
+    assert "Ignored on resume, the run keeps the values it was trained with: --no-keep-lengths (" in log
+    assert "Reading lengths: 4 characters" in log
 
 
 # ------------------------------------------------------------ atomic writes

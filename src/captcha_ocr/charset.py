@@ -73,7 +73,8 @@ def best_paths_of_length(log_probs: np.ndarray, lengths: Collection[int]) -> tup
     This is a Viterbi search over states (characters read so far, last class).
     """
     steps, count, classes = log_probs.shape
-    allowed = sorted({int(n) for n in lengths if int(n) >= 0})
+    # A path of T steps reads at most T characters, so longer lengths are dropped.
+    allowed = sorted({int(n) for n in lengths if 0 <= int(n) <= steps})
     greedy = log_probs.argmax(axis=2)
     if not allowed or steps == 0 or count == 0:
         return greedy, np.zeros(count, dtype=bool)
@@ -102,8 +103,9 @@ def best_paths_of_length(log_probs: np.ndarray, lengths: Collection[int]) -> tup
         before[:, 1:] = score[:, :-1]
         before_chars = before[:, :, 1:]  # (N, K, C-1)
         if chars >= 2:
-            order = np.argsort(-before_chars, axis=2)[:, :, :2]
-            first, second = order[:, :, 0:1], order[:, :, 1:2]
+            # With kth=1, argpartition puts the best character first and the second best next.
+            pair = np.argpartition(-before_chars, 1, axis=2)[:, :, :2]
+            first, second = pair[:, :, 0:1], pair[:, :, 1:2]
             first_score = np.take_along_axis(before_chars, first, axis=2)
             second_score = np.take_along_axis(before_chars, second, axis=2)
             is_first = np.arange(chars)[None, None, :] == first
@@ -199,9 +201,9 @@ class Codec:
         keep it. The others get their best path among those that do.
         """
         paths = log_probs.argmax(axis=2)
-        if not lengths:
+        if lengths is None or len(lengths) == 0:
             return paths
-        allowed = set(lengths)
+        allowed = {int(n) for n in lengths}
         wrong = [n for n in range(paths.shape[1]) if len(self.decode_indices(paths[:, n])) not in allowed]
         # In chunks, because the search keeps back-pointers of size T x N x (longest + 1) x C.
         for start in range(0, len(wrong), LENGTH_SEARCH_CHUNK):
@@ -232,7 +234,9 @@ class Codec:
             emitting &= path != BLANK_INDEX
             if emitting.any():
                 confidence = float(np.prod(path_prob[emitting, n]))
-            else:
+            elif len(path):
                 confidence = float(path_prob[:, n].mean())
+            else:
+                confidence = 0.0
             results.append((text, confidence))
         return results

@@ -136,6 +136,7 @@ class ResolvedSettings:
     batch_size: int
     worst: int
     confusions: int
+    any_length: bool = False
 
 
 def resolve_settings(settings: EvaluationSettings, metadata: dict[str, Any], training: dict[str, Any]) -> ResolvedSettings:
@@ -157,6 +158,7 @@ def resolve_settings(settings: EvaluationSettings, metadata: dict[str, Any], tra
         batch_size=settings.batch_size,
         worst=settings.worst,
         confusions=settings.confusions,
+        any_length=settings.any_length,
     )
 
 
@@ -363,6 +365,9 @@ def format_report(report_data: dict[str, Any]) -> list[str]:
     lines.append("Reading lengths: " + (f"{', '.join(map(str, lengths))} characters" if lengths else "any"))
     if data.get("unknown_characters"):
         lines.append(f"Labels with characters the model cannot emit: {data['unknown_characters']!r}")
+    if data.get("unread_lengths"):
+        unread = ", ".join(map(str, data["unread_lengths"]))
+        lines.append(f"Labels of lengths the model does not read: {unread} characters (--any-length reads them)")
 
     lines.append(f"Accuracy: {_percent(results['accuracy'])}, {results['correct']} of {results['count']} labels read exactly")
     lines.append(
@@ -488,6 +493,8 @@ def evaluate(
         decode_seconds=decode_seconds,
     )
     unknown = sorted({c for label in labels for c in recognizer.codec.unknown_chars(label)})
+    allowed = recognizer.label_lengths
+    unread_lengths = sorted({len(label) for label in labels} - set(allowed)) if allowed else []
     report_data = {
         "model": _model_part(recognizer, model_path),
         "data": {
@@ -498,6 +505,8 @@ def evaluate(
             "held_out": {"val_split": resolved.val_split, "seed": resolved.seed} if resolved.val_split is not None else None,
             "file_list_sha256": file_list_hash(data.paths),
             "unknown_characters": "".join(unknown),
+            # Label lengths the model does not read, because it keeps to its training set's lengths.
+            "unread_lengths": unread_lengths,
         },
         "settings": asdict(resolved),
         "results": results,

@@ -80,14 +80,14 @@ class _OnnxBackend:
 
 def _label_lengths(value: Any, path: Any) -> list[int] | None:
     """Check the label lengths a model file records. An empty list or None means any length."""
-    if value is None or value == []:
+    if value is None:
         return None
     if not isinstance(value, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value):
         raise ValueError(
             f"{path}: invalid label_lengths {value!r} in the model file (expected a list of positive "
             "integers); export or train the model again with this captcha-ocr version"
         )
-    return sorted(set(value))
+    return sorted(set(value)) or None
 
 
 class Recognizer:

@@ -243,8 +243,9 @@ def _train(
         if payload.get("kind") != "training":
             raise CheckpointError(f"{checkpoint_path}: a model file, not a training checkpoint; resume from a run ID")
         saved = dict(payload["train_config"])
-        # Checkpoints saved before the presence loss existed trained without it.
+        # Checkpoints saved before the presence loss and the reading-length rule existed trained without them.
         saved.setdefault("presence_weight", 0.0)
+        saved.setdefault("keep_lengths", False)
         ignored = [
             key for key, value in overrides.items()
             if key not in RESUME_OVERRIDABLE and key != "output_dir" and saved.get(key) != value
@@ -280,7 +281,7 @@ def _train(
             if ignored:
                 logger.warning(
                     "Ignored on resume, the run keeps the values it was trained with: %s (only %s can change)",
-                    _flags(ignored), _flags(RESUME_OVERRIDABLE),
+                    ", ".join(_given_flag(name, overrides[name]) for name in ignored), _flags(RESUME_OVERRIDABLE),
                 )
         trainer, prepared = _setup(config, payload, context, paths, run, argv, show_progress)
         if run is not None:
@@ -502,6 +503,12 @@ def _summary_values(result: TrainResult, trainer: Trainer | None, prepared: Prep
 
 def _flags(names: Iterable[str]) -> str:
     return ", ".join("--" + name.replace("_", "-") for name in names)
+
+
+def _given_flag(name: str, value: Any) -> str:
+    """Spell a setting as the flag that sets it: ``--no-keep-lengths`` for a false switch."""
+    flag = name.replace("_", "-")
+    return f"--no-{flag}" if value is False else f"--{flag}"
 
 
 def resume_command(session_id: str, output_dir: str, context: DistributedContext | None = None) -> str:
