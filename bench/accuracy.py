@@ -231,11 +231,16 @@ def tutorial_predict(model: torch.nn.Module, pixels: np.ndarray, codec: Codec, d
     return texts
 
 
-def tutorial_epoch(model, optimizer, pixels: np.ndarray, labels: list[str], codec: Codec, generator, device) -> float:
+def tutorial_epoch(
+    model, optimizer, pixels: np.ndarray, labels: list[str], codec: Codec, generator, device, deadline: float,
+) -> tuple[float, int]:
+    """Train one epoch, or until ``time.monotonic()`` passes ``deadline``; returns the mean loss and the images seen."""
     model.train()
     order = torch.randperm(len(labels), generator=generator).numpy()
-    loss_sum = 0.0
+    loss_sum, seen = 0.0, 0
     for start in range(0, len(order), tutorial_model.BATCH_SIZE):
+        if time.monotonic() >= deadline:
+            break
         indices = order[start : start + tutorial_model.BATCH_SIZE]
         images = tutorial_model.to_input(pixels[indices]).to(device)
         chunk = [labels[i] for i in indices]
@@ -246,7 +251,8 @@ def tutorial_epoch(model, optimizer, pixels: np.ndarray, labels: list[str], code
         loss.backward()
         optimizer.step()
         loss_sum += loss.item() * len(indices)
-    return loss_sum / len(order)
+        seen += len(indices)
+    return (loss_sum / seen if seen else math.nan), seen
 
 
 def run_tutorial(data: SuiteData, seed: int, budget: str, args: argparse.Namespace, suite: Suite) -> dict[str, Any]:
@@ -254,6 +260,8 @@ def run_tutorial(data: SuiteData, seed: int, budget: str, args: argparse.Namespa
 
     Like our trainer, it validates after every epoch, counts validation in the
     elapsed time, and stops once the budget is spent or the next epoch would overrun it.
+    An epoch longer than the whole budget (large sets at about 10 images per second)
+    stops early, leaving time for the validation that follows.
     """
     device = pick_device(args.device)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
@@ -269,19 +277,25 @@ def run_tutorial(data: SuiteData, seed: int, budget: str, args: argparse.Namespa
     optimizer = tutorial_model.make_optimizer(model)
     generator = torch.Generator().manual_seed(seed)
     seconds = parse_duration(budget)
+    # Time a validation pass on a sample first, so a cut-short epoch leaves room for the real one.
+    probe = time.monotonic()
+    tutorial_predict(model, val_pixels[:64], codec, device)
+    validation_estimate = (time.monotonic() - probe) * len(val_pixels) / max(1, min(64, len(val_pixels)))
     history: list[dict[str, Any]] = []
     elapsed = 0.0
     while not (history and elapsed + history[-1]["epoch_time"] > seconds):
         started = time.monotonic()
-        loss = tutorial_epoch(model, optimizer, train_pixels, train_labels, codec, generator, device)
+        deadline = started + max(0.0, seconds - elapsed - validation_estimate)
+        loss, seen = tutorial_epoch(model, optimizer, train_pixels, train_labels, codec, generator, device, deadline)
         validation = score(val_labels, tutorial_predict(model, val_pixels, codec, device), case_folded=False)
         epoch_time = time.monotonic() - started
         elapsed += epoch_time
-        history.append({"epoch": len(history) + 1, "train_loss": loss, "val_accuracy": validation["accuracy"],
-                        "val_cer": validation["cer"], "epoch_time": epoch_time, "elapsed": elapsed})
+        history.append({"epoch": len(history) + 1, "train_loss": loss, "images_seen": seen,
+                        "val_accuracy": validation["accuracy"], "val_cer": validation["cer"],
+                        "epoch_time": epoch_time, "elapsed": elapsed})
         if args.verbose:
             print(f"  tutorial epoch {len(history)}: loss {loss:.4f}, val accuracy {validation['accuracy']:.4f}", flush=True)
-        if elapsed >= seconds or not math.isfinite(loss):
+        if elapsed >= seconds or seen < len(train_labels) or not math.isfinite(loss):
             break
 
     run = {"model": "tutorial", "seed": seed, "status": "completed", "train_count": len(train_samples),
