@@ -194,6 +194,7 @@ def test_other_seed_reports_other_files(trained, generated_folder, capsys):
     report = json.loads(_report_path(out).read_text(encoding="utf-8"))
     assert report["reference"]["same_files_as_validation"] is False
     assert "differ from its validation set" in out
+    assert f"give DATA as it was given to train ({generated_folder.resolve()}" in out
 
 
 @pytest.mark.slow

@@ -318,6 +318,14 @@ def _malicious_files(folder: Path) -> list[tuple[Path, Path]]:
     return made
 
 
+def test_text_file_as_model_is_not_a_checkpoint(tmp_path):
+    notes = tmp_path / "notes.pth"
+    notes.write_text("# not a model\n", encoding="utf-8")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint") as raised:
+        load_checkpoint(notes)
+    assert "weights_only" not in str(raised.value)
+
+
 def test_crafted_checkpoints_are_refused_without_running_code(tmp_path):
     made = _malicious_files(tmp_path)
     # The files are truly dangerous: an unrestricted load runs their code.

@@ -80,7 +80,7 @@ def test_tensorboard_missing_warns_once(two_runs):
     if importlib.util.find_spec("tensorboard") is None:
         warnings = [line for line in log.splitlines() if "[WARNING]" in line and "TensorBoard" in line]
         assert len(warnings) == 1
-        assert "pip install 'captcha-ocr[tensorboard]'" in warnings[0]
+        assert "pip install -e '.[tensorboard]'" in warnings[0]
         assert not (results[1].run_dir / "tensorboard").exists()
     else:
         assert any((results[1].run_dir / "tensorboard").iterdir())

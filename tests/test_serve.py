@@ -352,8 +352,20 @@ def test_missing_server_packages_one_line(monkeypatch, capsys, tiny_onnx_model):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real_find_spec(name, *a))
     assert main(["serve", str(tiny_onnx_model)]) == 2
     error = capsys.readouterr().err.strip()
-    assert error == "captcha-ocr serve: error: serving needs uvicorn: pip install 'captcha-ocr[serve]'"
+    assert error == "captcha-ocr serve: error: serving needs uvicorn: in the captcha-ocr checkout, pip install -e '.[serve]'"
     assert commands.register_serve in commands.REGISTRARS
+
+
+def test_busy_port_one_line_error(capsys, tiny_onnx_model):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert main(["serve", str(tiny_onnx_model), "--port", str(port)]) == 2
+    captured = capsys.readouterr()
+    assert f"cannot listen on 127.0.0.1:{port}" in captured.err
+    assert "choose another with --port" in captured.err
+    assert "Serving" not in captured.err + captured.out
 
 
 def _free_port() -> int:

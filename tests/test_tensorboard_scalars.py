@@ -84,5 +84,5 @@ def test_missing_package_warns_once(monkeypatch, tmp_path):
     assert len(handler.messages) == 1
     level, message = handler.messages[0]
     assert level == "WARNING"
-    assert "pip install 'captcha-ocr[tensorboard]'" in message
+    assert "pip install -e '.[tensorboard]'" in message
     assert not (tmp_path / "tensorboard").exists()

@@ -59,6 +59,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
+        message = str(error)
+        if "GLOBAL" not in message:
+            # Not a pickle that names other code: text, an image or a truncated file.
+            detail = message.partition("WeightsUnpickler error:")[2].strip().splitlines()
+            raise CheckpointError(
+                f"{path}: not a readable checkpoint, the file is corrupt or not a PyTorch file "
+                f"({detail[0] if detail else 'unreadable pickle'}); give a .pth file written by 'captcha-ocr train'"
+            ) from None
         # PyTorch's message suggests weights_only=False, which would run the file's code.
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         what = f"it references {found.group(1)}" if found else "it is not a plain checkpoint"

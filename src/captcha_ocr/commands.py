@@ -225,7 +225,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     modules = {"fastapi": ("fastapi",), "uvicorn": ("uvicorn",), "python-multipart": ("python_multipart", "multipart")}
     missing = [name for name, found_as in modules.items() if not any(importlib.util.find_spec(m) for m in found_as)]
     if missing:
-        raise CommandError(f"serving needs {', '.join(missing)}: pip install 'captcha-ocr[serve]'")
+        raise CommandError(f"serving needs {', '.join(missing)}: in the captcha-ocr checkout, pip install -e '.[serve]'")
     from captcha_ocr.serve import ServeSettings, serve
 
     settings = ServeSettings(

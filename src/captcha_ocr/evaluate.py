@@ -411,9 +411,11 @@ def _reference_lines(reference: dict[str, Any] | None) -> list[str]:
     if match is None:
         return [f"Training run: {reference['run_dir']}"]
     if not match:
+        sources = reference.get("sources") or []
+        training_data = f" ({' '.join(sources)})" if sources else ""
         return [
             f"Training run {reference['session_id']}: these files differ from its validation set "
-            "(to compare, give DATA as it was given to train, with the same --val-split and --seed)"
+            f"(to compare, give DATA as it was given to train{training_data}, with the same --val-split and --seed)"
         ]
     line = f"Training run {reference['session_id']}: same files as its validation set"
     if reference.get("val_accuracy") is not None:
@@ -428,12 +430,14 @@ def _reference_lines(reference: dict[str, Any] | None) -> list[str]:
 def _reference(run_dir: Path | None, metadata: dict[str, Any], paths: Sequence[Path]) -> dict[str, Any] | None:
     if run_dir is None:
         return None
-    val = _read_run_file(run_dir, "data.json").get("val", {})
+    described = _read_run_file(run_dir, "data.json")
+    val = described.get("val", {})
     recorded = val.get("file_list_sha256")
     metrics = metadata.get("metrics") or {}
     return {
         "session_id": metadata.get("session_id"),
         "run_dir": str(run_dir),
+        "sources": [str(source) for source in described.get("sources", [])],
         "same_files_as_validation": (file_list_hash(paths) == recorded) if recorded else None,
         "epoch": metrics.get("epoch", metadata.get("epoch")),
         "val_accuracy": metrics.get("val_accuracy"),

@@ -185,7 +185,7 @@ def _write_graph(model: CRNN, path: Path, opset: int, exporter: str) -> str:
     if missing:
         raise ExportError(
             f"ONNX export needs the {' and '.join(missing)} package(s): "
-            "pip install 'captcha-ocr[export]' (from a checkout: pip install -e '.[export]')"
+            "in the captcha-ocr checkout, pip install -e '.[export]'"
         )
     config = model.config
     # Batch 2, not 1: a batch of 1 lets the tracer fold the batch size into reshapes.
@@ -201,7 +201,7 @@ def _write_graph(model: CRNN, path: Path, opset: int, exporter: str) -> str:
     try:
         import onnxscript  # noqa: F401 - the dynamo exporter needs it
     except ImportError:
-        raise ExportError("the dynamo exporter needs onnxscript: pip install 'captcha-ocr[export]'") from None
+        raise ExportError("the dynamo exporter needs onnxscript: in the captcha-ocr checkout, pip install -e '.[export]'") from None
     _export_dynamo(model, example, path, opset)
     return "dynamo"
 

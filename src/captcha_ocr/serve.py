@@ -22,6 +22,7 @@ import binascii
 import dataclasses
 import json
 import logging
+import socket
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -537,6 +538,20 @@ def _route_server_logs() -> None:
     server_logger.propagate = False
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raise ValueError when ``host:port`` cannot be bound, before the model loads and anything is logged."""
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as error:
+        raise ValueError(
+            f"cannot listen on {host}:{port} ({error.strerror or error}); "
+            "stop the program using that port or choose another with --port"
+        ) from None
+
+
 def serve(
     model_path: str | Path,
     host: str = "127.0.0.1",
@@ -553,6 +568,7 @@ def serve(
 
     setup_logging(Path(log_file) if log_file else None, console=True)
     _route_server_logs()
+    check_port_free(host, port)
     recognizer = Recognizer.load(model_path, device=device, any_length=any_length)
     app = create_app(recognizer, settings)
     settings = app.state.service.settings

@@ -370,7 +370,7 @@ def plot_runs(records: Sequence[RunRecord], out: Path) -> tuple[Path, list[str]]
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise RuntimeError("plotting needs matplotlib: pip install 'captcha-ocr[plot]'") from None
+        raise RuntimeError("plotting needs matplotlib: in the captcha-ocr checkout, pip install -e '.[plot]'") from None
     drawn = [r for r in records if r.metrics]
     left_out = [r.run_id for r in records if not r.metrics]
     if not drawn:

@@ -26,7 +26,7 @@ SCALARS = {
     "time/epoch_seconds": "epoch_time",
 }
 
-INSTALL_HINT = "pip install 'captcha-ocr[tensorboard]'"
+INSTALL_HINT = "in the captcha-ocr checkout, pip install -e '.[tensorboard]'"
 
 
 class TensorBoardScalars:
