@@ -177,3 +177,20 @@ def test_no_steps_read_empty():
     (text, confidence), = Codec("ab").decode(np.zeros((0, 1, 3), dtype=np.float32), [2])
     assert text == ""
     assert confidence == 0.0
+
+
+def test_confident_logits_keep_length():
+    # Logits 110 apart make the losing classes' float32 probabilities exactly 0.
+    from captcha_ocr.predict import log_softmax
+
+    codec = Codec("138")
+    one, three, eight = (codec.encode(c)[0] for c in "138")
+    logits = np.full((6, 1, codec.num_classes), 0.0, dtype=np.float32)
+    for step, index in enumerate([one, eight, eight, eight, three, BLANK_INDEX]):
+        logits[step, 0, index] = 120.0
+    logits[:, 0, BLANK_INDEX] = np.maximum(logits[:, 0, BLANK_INDEX], 10.0)
+    log_probs = log_softmax(logits.astype(np.float64), axis=2)
+    (text, confidence), = codec.decode_log_probs(log_probs, lengths=[4])
+    assert text == "1883"
+    # The forced blank has probability e^-110, and the confidence says so.
+    assert confidence < 1e-40

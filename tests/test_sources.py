@@ -41,6 +41,16 @@ def test_folder_labels_and_ignore_case(tmp_path):
     assert [p.name for p, _ in collected.skipped] == ["notes.txt"]
 
 
+def test_whitespace_file_name_label_skipped(tmp_path):
+    for name in (" _1.png", "ab12.png"):
+        Image.new("L", (20, 10), 255).save(tmp_path / name)
+    collected = collect([tmp_path])
+    assert [s.label for s in collected.samples] == ["ab12"]
+    assert [(p.name, reason) for p, reason in collected.skipped] == [
+        (" _1.png", "empty label: the file name's label is only whitespace"),
+    ]
+
+
 def test_windows_manifest_resolves_paths():
     manifest = require(CASES / "manifest_windows_paths.csv")
     collected = collect([manifest])

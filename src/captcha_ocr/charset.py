@@ -87,8 +87,8 @@ def best_paths_of_length(log_probs: np.ndarray, lengths: Collection[int]) -> tup
     score[:, 0, BLANK_INDEX] = log_probs[0, :, BLANK_INDEX]
     if longest >= 1:
         score[:, 1, 1:] = log_probs[0, :, 1:]
-    back_read = np.zeros((steps, count, states, classes), dtype=np.int16)
-    back_class = np.zeros((steps, count, states, classes), dtype=np.int16)
+    back_read = np.zeros((steps, count, states, classes), dtype=np.int32)
+    back_class = np.zeros((steps, count, states, classes), dtype=np.int32)
     char_index = np.arange(1, classes)
     for t in range(1, steps):
         new = np.empty_like(score)
@@ -218,13 +218,23 @@ class Codec:
         With ``lengths``, a reading keeps to those label lengths (see
         :func:`best_paths_of_length`). Confidence is the product of the path's
         probabilities over the steps that emit a character, so a blank-heavy
-        but certain read scores near 1; an empty read gets the mean probability
-        of its path.
+        but certain read scores near 1. Steps where a kept length made the path
+        leave the best class count too, so such a reading scores as low as the
+        step it had to change. An empty read gets the mean probability of its path.
         """
         with np.errstate(divide="ignore"):
-            log_probs = np.log(probs)
+            return self.decode_log_probs(np.log(probs), lengths)
+
+    def decode_log_probs(self, log_probs: np.ndarray, lengths: Collection[int] | None = None) -> list[tuple[str, float]]:
+        """Decode per-step log-probabilities (T, N, C), as from log-softmax; see :meth:`decode`.
+
+        Log-softmax of the logits keeps every class finite, where the log of a
+        float32 softmax turns a class far behind into -inf and can leave no
+        reading of an allowed length.
+        """
         paths = self.decode_paths(log_probs, lengths)
-        path_prob = np.take_along_axis(probs, paths[:, :, None], axis=2)[:, :, 0]  # (T, N)
+        changed = paths != log_probs.argmax(axis=2)  # (T, N): steps off the best class
+        path_prob = np.exp(np.take_along_axis(log_probs, paths[:, :, None], axis=2)[:, :, 0])  # (T, N)
         results = []
         for n in range(paths.shape[1]):
             path = paths[:, n]
@@ -232,8 +242,9 @@ class Codec:
             emitting = np.ones(len(path), dtype=bool)
             emitting[1:] = path[1:] != path[:-1]
             emitting &= path != BLANK_INDEX
-            if emitting.any():
-                confidence = float(np.prod(path_prob[emitting, n]))
+            counted = emitting | changed[:, n]
+            if counted.any():
+                confidence = float(np.prod(path_prob[counted, n]))
             elif len(path):
                 confidence = float(path_prob[:, n].mean())
             else:

@@ -39,7 +39,7 @@ from captcha_ocr.data.images import (
     to_model_input,
 )
 from captcha_ocr.model import CRNN, ModelConfig
-from captcha_ocr.predict import Recognizer, softmax
+from captcha_ocr.predict import Recognizer, log_softmax
 
 logger = logging.getLogger(__name__)
 
@@ -348,8 +348,8 @@ def compare(model: CRNN, recognizer: Recognizer, images: CheckImages, tolerance:
             raise VerificationError(f"ONNX logits have shape {actual.shape}, PyTorch gives {expected.shape}")
         max_diff = max(max_diff, float(np.abs(actual - expected).max()))
         batch_sizes.append(len(inputs))
-        torch_texts = codec.decode(softmax(expected, axis=2), recognizer.label_lengths)
-        onnx_texts = codec.decode(softmax(actual, axis=2), recognizer.label_lengths)
+        torch_texts = codec.decode_log_probs(log_softmax(expected.astype(np.float64), axis=2), recognizer.label_lengths)
+        onnx_texts = codec.decode_log_probs(log_softmax(actual.astype(np.float64), axis=2), recognizer.label_lengths)
         names = images.names[part]
         for name, (want, _), (got, _) in zip(names, torch_texts, onnx_texts, strict=True):
             if want != got:

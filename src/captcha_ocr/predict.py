@@ -29,10 +29,9 @@ class Prediction:
     confidence: float
 
 
-def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     shifted = logits - logits.max(axis=axis, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=axis, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
 
 
 class _TorchBackend:
@@ -181,8 +180,9 @@ class Recognizer:
     def predict_pixels(self, pixels: np.ndarray) -> list[Prediction]:
         """Read a batch of already decoded uint8 pixels of shape (N, H, W)."""
         inputs = to_model_input(pixels, self.preprocessing)
-        probs = softmax(self.backend.logits(inputs), axis=2)  # (T, N, C)
-        return [Prediction(text, confidence) for text, confidence in self.codec.decode(probs, self.label_lengths)]
+        log_probs = log_softmax(self.backend.logits(inputs).astype(np.float64), axis=2)  # (T, N, C)
+        readings = self.codec.decode_log_probs(log_probs, self.label_lengths)
+        return [Prediction(text, confidence) for text, confidence in readings]
 
     def predict(self, image: ImageInput) -> Prediction:
         """Read one image given as a path, bytes or a PIL image."""

@@ -20,6 +20,7 @@ import asyncio
 import base64
 import binascii
 import dataclasses
+import errno
 import json
 import logging
 import socket
@@ -539,17 +540,27 @@ def _route_server_logs() -> None:
 
 
 def check_port_free(host: str, port: int) -> None:
-    """Raise ValueError when ``host:port`` cannot be bound, before the model loads and anything is logged."""
+    """Raise ValueError when ``host:port`` cannot be bound, before the model loads and anything is logged.
+
+    Every address the host name resolves to is tried, as the server binds them all.
+    """
     try:
-        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        with socket.socket(family, kind, protocol) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(address)
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as error:
-        raise ValueError(
-            f"cannot listen on {host}:{port} ({error.strerror or error}); "
-            "stop the program using that port or choose another with --port"
-        ) from None
+        raise ValueError(f"cannot listen on {host}:{port}: {error.strerror or error}; check --host") from None
+    for family, kind, protocol, _, address in addresses:
+        try:
+            with socket.socket(family, kind, protocol) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                advice = "stop the program using that port or choose another with --port"
+            else:
+                advice = "check --host, which must be an address of this machine"
+            raise ValueError(f"cannot listen on {host}:{port} ({error.strerror or error}); {advice}") from None
 
 
 def serve(

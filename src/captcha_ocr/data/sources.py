@@ -76,7 +76,11 @@ def collect_folder(
         if label is None:
             collected.skipped.append((path, f"no label found in the file name with pattern {pattern.pattern!r}"))
             continue
-        collected.samples.append(Sample(path, _normalise_label(label, ignore_case)))
+        label = _normalise_label(label, ignore_case)
+        if not label:
+            collected.skipped.append((path, "empty label: the file name's label is only whitespace"))
+            continue
+        collected.samples.append(Sample(path, label))
     return collected
 
 
