@@ -52,7 +52,7 @@ def test_repeated_labels_decode_exactly(label):
             path.append(BLANK_INDEX)
         path += [index, index]
     assert codec.decode_indices(path) == label
-    (text, confidence), = codec.decode_greedy(one_hot_path(codec, path))
+    (text, confidence), = codec.decode(one_hot_path(codec, path))
     assert text == label
     assert 0.0 < confidence <= 1.0
 
@@ -72,7 +72,7 @@ def test_min_ctc_steps_counts_repeats():
 
 def test_confidence_of_empty_read_is_blank_probability():
     codec = Codec("ab")
-    (text, confidence), = codec.decode_greedy(one_hot_path(codec, [BLANK_INDEX] * 3))
+    (text, confidence), = codec.decode(one_hot_path(codec, [BLANK_INDEX] * 3))
     assert text == ""
     assert confidence == pytest.approx(0.9)
 
@@ -104,7 +104,7 @@ def _collapsed_length(path) -> int:
     return len(Codec("abc").decode_indices(path))
 
 
-def test_best_paths_of_length_match_exhaustive_search():
+def test_length_search_matches_brute_force():
     rng = np.random.default_rng(0)
     for _ in range(60):
         steps, classes = int(rng.integers(1, 6)), int(rng.integers(2, 5))
@@ -123,7 +123,7 @@ def test_best_paths_of_length_match_exhaustive_search():
                 assert sum(log_probs[t, n, c] for t, c in enumerate(paths[:, n])) == pytest.approx(max(scores))
 
 
-def test_kept_length_restores_a_merged_repeat():
+def test_kept_length_restores_merged_repeat():
     # The best path reads "g88x": the blank between the last two 8s is only second best.
     codec = Codec("8gx")
     eight, g, x = (codec.encode(c)[0] for c in "8gx")
@@ -184,13 +184,13 @@ def test_confident_logits_keep_length():
     from captcha_ocr.predict import log_softmax
 
     codec = Codec("138")
-    one, three, eight = (codec.encode(c)[0] for c in "138")
+    code_1, code_3, code_8 = (codec.encode(c)[0] for c in "138")
     logits = np.full((6, 1, codec.num_classes), 0.0, dtype=np.float32)
-    for step, index in enumerate([one, eight, eight, eight, three, BLANK_INDEX]):
+    for step, index in enumerate([code_1, code_8, code_8, code_8, code_3, BLANK_INDEX]):
         logits[step, 0, index] = 120.0
     logits[:, 0, BLANK_INDEX] = np.maximum(logits[:, 0, BLANK_INDEX], 10.0)
     log_probs = log_softmax(logits.astype(np.float64), axis=2)
     (text, confidence), = codec.decode_log_probs(log_probs, lengths=[4])
     assert text == "1883"
-    # The forced blank has probability e^-110, and the confidence says so.
+    # The forced blank has probability e^-110, and the confidence reflects it.
     assert confidence < 1e-40

@@ -59,6 +59,13 @@ def min_ctc_steps(label: str) -> int:
     return len(label) + repeats
 
 
+def emitting_steps(paths: np.ndarray) -> np.ndarray:
+    """Mark the steps of best paths (T, N) that emit a character: not blank, and not a repeat of the step before."""
+    emitting = paths != BLANK_INDEX
+    emitting[1:] &= paths[1:] != paths[:-1]
+    return emitting
+
+
 def best_paths_of_length(log_probs: np.ndarray, lengths: Collection[int]) -> tuple[np.ndarray, np.ndarray]:
     """Find each image's most probable CTC path among those that read ``lengths`` characters.
 
@@ -190,10 +197,6 @@ class Codec:
             previous = index
         return "".join(chars)
 
-    def decode_greedy(self, probs: np.ndarray) -> list[tuple[str, float]]:
-        """Decode a batch of per-step class probabilities (T, N, C) with the best path; see :meth:`decode`."""
-        return self.decode(probs)
-
     def decode_paths(self, log_probs: np.ndarray, lengths: Collection[int] | None = None) -> np.ndarray:
         """Return the best path (T, N) of each image, kept to ``lengths`` characters where given.
 
@@ -203,8 +206,9 @@ class Codec:
         paths = log_probs.argmax(axis=2)
         if lengths is None or len(lengths) == 0:
             return paths
-        allowed = {int(n) for n in lengths}
-        wrong = [n for n in range(paths.shape[1]) if len(self.decode_indices(paths[:, n])) not in allowed]
+        allowed = [int(n) for n in lengths]
+        read_lengths = emitting_steps(paths).sum(axis=0)  # (N,)
+        wrong = np.flatnonzero(~np.isin(read_lengths, allowed)).tolist()
         # In chunks, because the search keeps back-pointers of size T x N x (longest + 1) x C.
         for start in range(0, len(wrong), LENGTH_SEARCH_CHUNK):
             chunk = wrong[start : start + LENGTH_SEARCH_CHUNK]
@@ -235,16 +239,13 @@ class Codec:
         paths = self.decode_paths(log_probs, lengths)
         changed = paths != log_probs.argmax(axis=2)  # (T, N): steps off the best class
         path_prob = np.exp(np.take_along_axis(log_probs, paths[:, :, None], axis=2)[:, :, 0])  # (T, N)
+        counted = emitting_steps(paths) | changed  # (T, N)
         results = []
         for n in range(paths.shape[1]):
             path = paths[:, n]
             text = self.decode_indices(path)
-            emitting = np.ones(len(path), dtype=bool)
-            emitting[1:] = path[1:] != path[:-1]
-            emitting &= path != BLANK_INDEX
-            counted = emitting | changed[:, n]
-            if counted.any():
-                confidence = float(np.prod(path_prob[counted, n]))
+            if counted[:, n].any():
+                confidence = float(np.prod(path_prob[counted[:, n], n]))
             elif len(path):
                 confidence = float(path_prob[:, n].mean())
             else:
