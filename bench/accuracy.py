@@ -234,7 +234,7 @@ def tutorial_predict(model: torch.nn.Module, pixels: np.ndarray, codec: Codec, d
 def tutorial_epoch(
     model, optimizer, pixels: np.ndarray, labels: list[str], codec: Codec, generator, device, deadline: float,
 ) -> tuple[float, int]:
-    """Train one epoch, or until ``time.monotonic()`` passes ``deadline``; returns the mean loss and the images seen."""
+    """Train one epoch, or until ``time.monotonic()`` passes ``deadline``. Returns the mean loss and the images seen."""
     model.train()
     order = torch.randperm(len(labels), generator=generator).numpy()
     loss_sum, seen = 0.0, 0

@@ -89,7 +89,7 @@ def test_invalid_label_lengths_metadata_rejected(tiny_onnx_model, tmp_path, caps
     assert "invalid label_lengths" in capsys.readouterr().err
 
 
-def test_empty_label_lengths_metadata_reads_any_length(tiny_onnx_model, tmp_path):
+def test_null_lengths_metadata_reads_any(tiny_onnx_model, tmp_path):
     graph = onnx.load(str(tiny_onnx_model))
     for prop in graph.metadata_props:
         if prop.key == "label_lengths":

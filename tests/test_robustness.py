@@ -318,7 +318,7 @@ def _malicious_files(folder: Path) -> list[tuple[Path, Path]]:
     return made
 
 
-def test_text_file_as_model_is_not_a_checkpoint(tmp_path):
+def test_text_model_file_unreadable(tmp_path):
     notes = tmp_path / "notes.pth"
     notes.write_text("# not a model\n", encoding="utf-8")
     with pytest.raises(CheckpointError, match="not a readable checkpoint") as raised:

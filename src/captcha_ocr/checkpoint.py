@@ -64,12 +64,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             # Not a pickle that names other code: text, an image or a truncated file.
             detail = message.partition("WeightsUnpickler error:")[2].strip().splitlines()
             raise CheckpointError(
-                f"{path}: not a readable checkpoint: the file is corrupt, not a PyTorch file, or holds "
+                f"{path}: not a readable checkpoint: the file is corrupt, not a PyTorch file, or contains "
                 f"objects other than tensors and plain values ({detail[0] if detail else 'unreadable pickle'}). "
                 "Nothing in it was run; give a .pth file written by 'captcha-ocr train'"
             ) from None
         # PyTorch's message suggests weights_only=False, which would run the file's code.
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", message)
         what = f"it references {found.group(1)}" if found else "it is not a plain checkpoint"
         raise CheckpointError(
             f"{path}: refused to load: the file holds objects other than tensors and plain values "

@@ -232,8 +232,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_upload_bytes=args.max_upload_bytes, max_pixels=args.max_pixels, max_batch_size=args.max_batch_size,
         batching=args.batching, batch_wait_ms=args.batch_wait_ms, batch_max_images=args.batch_max_images,
     )
-    return serve(args.model, host=args.host, port=args.port, settings=settings, device=args.device, log_file=args.log_file,
-        any_length=args.any_length,
+    return serve(
+        args.model, host=args.host, port=args.port, settings=settings, device=args.device,
+        log_file=args.log_file, any_length=args.any_length,
     )
 
 

@@ -105,7 +105,7 @@ class Recognizer:
         """Load a ``.pth`` model or checkpoint file, or an exported ``.onnx`` file.
 
         A model trained with ``keep_lengths`` (the default) reads only the
-        label lengths of its training set; ``any_length`` lifts that.
+        label lengths of its training set. ``any_length`` lifts that rule.
         """
         recognizer = cls._load(Path(path), device)
         if any_length:
