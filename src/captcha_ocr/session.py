@@ -281,7 +281,7 @@ def _train(
             if ignored:
                 logger.warning(
                     "Ignored on resume, the run keeps the values it was trained with: %s (only %s can change)",
-                    ", ".join(_given_flag(name, overrides[name]) for name in ignored), _flags(RESUME_OVERRIDABLE),
+                    ", ".join(_flag(name, overrides[name]) for name in ignored), _flags(RESUME_OVERRIDABLE),
                 )
         trainer, prepared = _setup(config, payload, context, paths, run, argv, show_progress)
         if run is not None:
@@ -501,14 +501,14 @@ def _summary_values(result: TrainResult, trainer: Trainer | None, prepared: Prep
     }
 
 
+def _flag(name: str, value: Any = None) -> str:
+    """Spell a setting as the flag that sets it: ``--no-keep-lengths`` for a switch given as false."""
+    prefix = "--no-" if value is False else "--"
+    return prefix + name.replace("_", "-")
+
+
 def _flags(names: Iterable[str]) -> str:
-    return ", ".join("--" + name.replace("_", "-") for name in names)
-
-
-def _given_flag(name: str, value: Any) -> str:
-    """Spell a setting as the flag that sets it: ``--no-keep-lengths`` for a false switch."""
-    flag = name.replace("_", "-")
-    return f"--no-{flag}" if value is False else f"--{flag}"
+    return ", ".join(_flag(name) for name in names)
 
 
 def resume_command(session_id: str, output_dir: str, context: DistributedContext | None = None) -> str:
