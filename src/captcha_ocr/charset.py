@@ -144,6 +144,34 @@ def best_paths_of_length(log_probs: np.ndarray, lengths: Collection[int]) -> tup
     return paths, found
 
 
+def text_log_likelihood(log_probs: np.ndarray, indices: Sequence[int]) -> np.ndarray:
+    """Return log P(text) for each image of ``log_probs`` (T, N, C): the sum over every CTC path that reads it.
+
+    ``indices`` are the text's class indices (as from :meth:`Codec.encode`).
+    This is the CTC forward algorithm, the quantity the training loss
+    minimises; a text that needs more steps than there are gets about -1e30.
+    """
+    steps, count, _ = log_probs.shape
+    # The text with a blank before, between and after its characters.
+    extended = np.full(2 * len(indices) + 1, BLANK_INDEX, dtype=np.int64)
+    extended[1::2] = indices
+    # A path may jump over a blank only to a character that differs from the one before the blank.
+    can_skip = np.zeros(len(extended), dtype=bool)
+    can_skip[2:] = (extended[2:] != BLANK_INDEX) & (extended[2:] != extended[:-2])
+    if steps == 0:
+        return np.full(count, _IMPOSSIBLE if len(indices) else 0.0)
+    alpha = np.full((count, len(extended)), _IMPOSSIBLE)
+    alpha[:, :2] = log_probs[0][:, extended[:2]]
+    for t in range(1, steps):
+        from_one_back = np.full_like(alpha, _IMPOSSIBLE)
+        from_one_back[:, 1:] = alpha[:, :-1]
+        from_two_back = np.full_like(alpha, _IMPOSSIBLE)
+        from_two_back[:, 2:] = np.where(can_skip[2:], alpha[:, :-2], _IMPOSSIBLE)
+        alpha = np.logaddexp(np.logaddexp(alpha, from_one_back), from_two_back) + log_probs[t][:, extended]
+    # A path ends on the last character or on the blank after it.
+    return np.logaddexp(alpha[:, -1], alpha[:, -2]) if len(extended) > 1 else alpha[:, -1]
+
+
 @dataclass(frozen=True)
 class Codec:
     """Maps characters to CTC class indices; index 0 is the blank."""

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from captcha_ocr import __version__
-from captcha_ocr.commands import ANY_LENGTH_HELP
+from captcha_ocr.commands import ANY_LENGTH_HELP, VIEWS_HELP, views_count
 
 DESCRIPTION = "Train, evaluate, export and serve CAPTCHA recognizers (CNN + BiLSTM + CTC)."
 
@@ -125,7 +125,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.batch_size <= 0:
         raise CommandError(f"--batch-size must be positive, got {args.batch_size}")
-    recognizer = Recognizer.load(args.model, device=args.device, any_length=args.any_length)
+    recognizer = Recognizer.load(args.model, device=args.device, any_length=args.any_length, views=args.views)
     paths = _expand_images(args.images)
     if not paths:
         raise CommandError(f"no images found in {', '.join(args.images)}")
@@ -189,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     predict.add_argument("--device", default=None, help="cpu, cuda or cuda:N for .pth models (default: cuda when available)")
     predict.add_argument("--any-length", action="store_true", help=ANY_LENGTH_HELP)
+    predict.add_argument("--views", type=views_count, default=3, metavar="N", help=VIEWS_HELP)
     predict.set_defaults(handler=cmd_predict)
 
     for register in _optional_commands():

@@ -35,6 +35,7 @@ import numpy as np
 from captcha_ocr.data.images import ImageError, Preprocessing, load_image
 from captcha_ocr.data.sources import DEFAULT_LABEL_PATTERN, Sample, collect
 from captcha_ocr.metrics import character_errors, confusion_pairs, edit_distance
+from captcha_ocr.predict import DEFAULT_VIEWS
 from captcha_ocr.record import report
 from captcha_ocr.record.log import (
     ConsoleHandler,
@@ -70,6 +71,8 @@ class EvaluationSettings:
     confusions: int = 10
     # Read any length even where the model keeps to its training set's label lengths.
     any_length: bool = False
+    # Shifted copies of each image read together (see captcha_ocr.predict.shifted_views).
+    views: int = DEFAULT_VIEWS
 
 
 @dataclass
@@ -363,6 +366,8 @@ def format_report(report_data: dict[str, Any]) -> list[str]:
     lines.append("Case: " + ("folded to lower case" if settings["ignore_case"] else "compared exactly"))
     lengths = model.get("label_lengths")
     lines.append("Reading lengths: " + (f"{', '.join(map(str, lengths))} characters" if lengths else "any"))
+    if model.get("views"):
+        lines.append(f"Views per image: {model['views']}" + (" (the image as it is)" if model["views"] == 1 else ""))
     if data.get("unknown_characters"):
         lines.append(f"Labels with characters the model cannot emit: {data['unknown_characters']!r}")
     if data.get("unread_lengths"):
@@ -456,6 +461,7 @@ def _model_part(recognizer: Any, model_path: Path) -> dict[str, Any]:
         "preprocessing": recognizer.preprocessing.to_dict(),
         "trained_ignore_case": bool(metadata.get("ignore_case", False)),
         "label_lengths": recognizer.label_lengths,
+        "views": recognizer.views,
     }
 
 
@@ -555,7 +561,7 @@ def run_evaluation(
         logger.info("Log file: %s", log_file)
         logger.info("Command: %s", " ".join(sys.argv))
         model_path = Path(model)
-        recognizer = Recognizer.load(model_path, device=device, any_length=settings.any_length)
+        recognizer = Recognizer.load(model_path, device=device, any_length=settings.any_length, views=settings.views)
         report_data, data = evaluate(recognizer, sources, settings, model_path, output_dir)
         report_data = {"evaluation_id": evaluation_id, "created_at": datetime.now().isoformat(timespec="seconds"), **report_data}
         lines = format_report(report_data)

@@ -3,6 +3,10 @@
 ``Recognizer.load("model.pth").predict("image.png")`` returns the text and its
 confidence. An ``.onnx`` file needs only onnxruntime, NumPy and Pillow; PyTorch
 is imported only for ``.pth`` files.
+
+By default each image is read three times: as it is, and shifted a few pixels
+left and right (see :func:`shifted_views`). Where the three readings differ,
+the text that all three views together find most probable wins.
 """
 
 from __future__ import annotations
@@ -17,10 +21,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from captcha_ocr.charset import Codec
+from captcha_ocr.charset import Codec, text_log_likelihood
 from captcha_ocr.data.images import Preprocessing, load_image, to_model_input
 
 ImageInput = str | os.PathLike | bytes | Image.Image
+
+# Views of each image read by default: as it is, and shifted left and right.
+DEFAULT_VIEWS = 3
+# Pixels (of the model's input width) between one view and the next.
+VIEW_SHIFT = 3
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,59 @@ class Prediction:
 def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     shifted = logits - logits.max(axis=axis, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+def _check_views(views: Any) -> None:
+    if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+        raise ValueError(f"views must be a whole number of at least 1, got {views!r}")
+
+
+def shifted_views(pixels: np.ndarray, views: int, shift: int = VIEW_SHIFT) -> np.ndarray:
+    """Stack ``views`` copies of uint8 pixels (N, H, W), shifted sideways: (views * N, H, W).
+
+    View 0 is the images as they are. The others are shifted right by
+    ``shift``, left by ``shift``, right by ``2 * shift`` and so on. White fills
+    the uncovered columns, as in the training augmentation. Image i of view v
+    is row ``v * N + i``.
+    """
+    _check_views(views)
+    stacked = [pixels]
+    width = pixels.shape[-1]
+    for v in range(1, views):
+        offset = shift * ((v + 1) // 2) * (1 if v % 2 else -1)
+        moved = np.full_like(pixels, 255)
+        if abs(offset) < width:
+            if offset > 0:
+                moved[..., offset:] = pixels[..., :-offset]
+            else:
+                moved[..., :offset] = pixels[..., -offset:]
+        stacked.append(moved)
+    return np.concatenate(stacked)
+
+
+def combine_views(log_probs: np.ndarray, readings: list[tuple[str, float]], codec: Codec, views: int) -> list[Prediction]:
+    """Pick one reading per image from the readings of its views.
+
+    ``log_probs`` (T, views * N, C) and ``readings`` (text and path confidence
+    per row) are ordered as :func:`shifted_views` stacks them. Where the views
+    read different texts, the text with the highest total CTC log-likelihood
+    over the views wins. The confidence is the mean over the views of the path
+    confidence of the chosen text, counting 0 for a view that read another text,
+    so a reading the views disagree on scores low.
+    """
+    count = len(readings) // views
+    predictions = []
+    for i in range(count):
+        rows = [v * count + i for v in range(views)]
+        texts = [readings[row][0] for row in rows]
+        chosen = texts[0]
+        if len(set(texts)) > 1:
+            candidates = list(dict.fromkeys(texts))
+            scores = [text_log_likelihood(log_probs[:, rows], codec.encode(text)).sum() for text in candidates]
+            chosen = candidates[int(np.argmax(scores))]
+        confidence = sum(readings[row][1] for row in rows if readings[row][0] == chosen) / views
+        predictions.append(Prediction(chosen, confidence))
+    return predictions
 
 
 class _TorchBackend:
@@ -92,8 +154,13 @@ def _label_lengths(value: Any, path: Any) -> list[int] | None:
 class Recognizer:
     """A trained model ready to read images."""
 
-    def __init__(self, backend: Any, codec: Codec, preprocessing: Preprocessing, metadata: dict[str, Any]):
+    def __init__(
+        self, backend: Any, codec: Codec, preprocessing: Preprocessing, metadata: dict[str, Any], views: int = DEFAULT_VIEWS
+    ):
+        _check_views(views)
         self.backend = backend
+        # Shifted copies of each image read together (see shifted_views); 1 reads the image alone.
+        self.views = views
         self.codec = codec
         self.preprocessing = preprocessing
         self.metadata = metadata
@@ -101,13 +168,19 @@ class Recognizer:
         self.label_lengths: list[int] | None = _label_lengths(metadata.get("label_lengths"), metadata.get("path"))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | None = None, any_length: bool = False) -> Recognizer:
+    def load(
+        cls, path: str | os.PathLike, device: str | None = None, any_length: bool = False, views: int = DEFAULT_VIEWS
+    ) -> Recognizer:
         """Load a ``.pth`` model or checkpoint file, or an exported ``.onnx`` file.
 
         A model trained with ``keep_lengths`` (the default) reads only the
         label lengths of its training set. ``any_length`` lifts that rule.
+        ``views`` is the number of shifted copies of each image read together
+        (see :func:`shifted_views`); 1 reads each image once, about twice as fast.
         """
+        _check_views(views)
         recognizer = cls._load(Path(path), device)
+        recognizer.views = views
         if any_length:
             recognizer.label_lengths = None
         return recognizer
@@ -179,10 +252,12 @@ class Recognizer:
 
     def predict_pixels(self, pixels: np.ndarray) -> list[Prediction]:
         """Read a batch of already decoded uint8 pixels of shape (N, H, W)."""
-        inputs = to_model_input(pixels, self.preprocessing)
-        log_probs = log_softmax(self.backend.logits(inputs).astype(np.float64), axis=2)  # (T, N, C)
+        inputs = to_model_input(shifted_views(pixels, self.views), self.preprocessing)
+        log_probs = log_softmax(self.backend.logits(inputs).astype(np.float64), axis=2)  # (T, views * N, C)
         readings = self.codec.decode_log_probs(log_probs, self.label_lengths)
-        return [Prediction(text, confidence) for text, confidence in readings]
+        if self.views == 1:
+            return [Prediction(text, confidence) for text, confidence in readings]
+        return combine_views(log_probs, readings, self.codec, self.views)
 
     def predict(self, image: ImageInput) -> Prediction:
         """Read one image given as a path, bytes or a PIL image."""

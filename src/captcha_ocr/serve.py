@@ -43,7 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from captcha_ocr import __version__
 from captcha_ocr.data.images import ImageError, Preprocessing, load_image
-from captcha_ocr.predict import Prediction, Recognizer
+from captcha_ocr.predict import DEFAULT_VIEWS, Prediction, Recognizer
 
 logger = logging.getLogger(__name__)
 
@@ -571,6 +571,7 @@ def serve(
     device: str | None = None,
     log_file: str | Path | None = None,
     any_length: bool = False,
+    views: int = DEFAULT_VIEWS,
 ) -> int:
     """Load ``model_path`` and serve requests on ``host:port`` until interrupted."""
     import uvicorn
@@ -580,7 +581,7 @@ def serve(
     setup_logging(Path(log_file) if log_file else None, console=True)
     _route_server_logs()
     check_port_free(host, port)
-    recognizer = Recognizer.load(model_path, device=device, any_length=any_length)
+    recognizer = Recognizer.load(model_path, device=device, any_length=any_length, views=views)
     app = create_app(recognizer, settings)
     settings = app.state.service.settings
     logger.info(
