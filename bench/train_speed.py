@@ -49,6 +49,8 @@ from captcha_ocr.model import CRNN, ModelConfig, count_parameters
 from captcha_ocr.training.loop import training_loss
 
 FLOP_COUNT_IMAGES = 2
+# Our batch size: the trainer's choice for the 936 training images of a captcha_images_v2 split.
+V2_BATCH = TrainConfig().batch_size_for(936)
 
 
 @dataclass
@@ -145,7 +147,7 @@ def make_batches(inputs: torch.Tensor, labels: list[str], codec: Codec, batch_si
     return batches
 
 
-def build_ours(sources: list[Any], labels: list[str], codec: Codec, device: torch.device) -> Contender:
+def build_ours(sources: list[Any], labels: list[str], codec: Codec, device: torch.device, batch_size: int) -> Contender:
     config = TrainConfig()
     preprocessing = Preprocessing(height=config.height, width=config.width)
     pixels = np.stack([load_image(source, preprocessing) for source in sources])
@@ -159,7 +161,7 @@ def build_ours(sources: list[Any], labels: list[str], codec: Codec, device: torc
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     return Contender(
         "ours (CRNN)", f"1x{config.height}x{config.width}", model, optimizer,
-        make_batches(inputs, labels, codec, config.batch_size, device), config.batch_size, config.grad_clip,
+        make_batches(inputs, labels, codec, batch_size, device), batch_size, config.grad_clip,
         trainer_loss(config.presence_weight),
     )
 
@@ -273,6 +275,10 @@ def report(contenders: list[Contender], flops: dict[str, dict[str, float]], peak
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", metavar="DIR", help="labelled image folder (default: captcha_images_v2 when present, else generated images)")
+    parser.add_argument(
+        "--batch-size", type=int, default=V2_BATCH,
+        help=f"our batch size (default: {V2_BATCH}, what the trainer chooses for captcha_images_v2's 936 training images)",
+    )
     parser.add_argument("--pool", type=int, default=256, help="images held in memory and cycled through (default: 256)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: 0, which keeps torch's own default)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
@@ -299,7 +305,7 @@ def main() -> None:
     torch.manual_seed(0)
     sources, labels, data_description = load_images(args)
     codec = Codec.from_labels(labels)
-    contenders = [build_ours(sources, labels, codec, device), build_tutorial(sources, labels, codec, device)]
+    contenders = [build_ours(sources, labels, codec, device, args.batch_size), build_tutorial(sources, labels, codec, device)]
     print(f"data: {data_description}; classes: {codec.num_classes}; device: {device}; torch threads: {torch.get_num_threads()}")
 
     flops = {c.name: count_flops(c) for c in contenders}

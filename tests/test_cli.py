@@ -121,3 +121,29 @@ def test_predict_reports_unreadable_image(tmp_path, generated_folder, capsys):
     assert code == 1
     assert "broken.png" in captured.err
     assert "not a recognised image" in captured.err
+
+
+@pytest.mark.parametrize(("setting", "count", "chosen"), [(0, 936, 16), (0, 19_999, 16), (0, 20_000, 32), (8, 936, 8), (64, 50_000, 64)])
+def test_batch_size_follows_the_set_size_unless_given(setting, count, chosen):
+    assert TrainConfig.build({"batch_size": setting}).batch_size_for(count) == chosen
+
+
+def test_negative_batch_size_is_refused(tmp_path, capsys):
+    code = main(["train", "--batch-size", "-1", "--output-dir", str(tmp_path)])
+    assert code == 2
+    assert "batch_size must be a positive integer, or 0 to choose by the set's size; got -1" in capsys.readouterr().err
+
+
+def test_chosen_batch_size_is_logged_and_kept_in_checkpoints(tmp_path, generated_folder):
+    from captcha_ocr.checkpoint import load_checkpoint
+
+    config = TrainConfig.build({
+        "data": [str(generated_folder)], "output_dir": str(tmp_path), "val_split": 0.25,
+        **TINY_MODEL, "batch_size": 0, "epochs": 1,
+    })
+    result = train(config, console=False, progress=False)
+    assert result.status == "completed", result.error
+    log = result.log_file.read_text(encoding="utf-8")
+    assert "  - Batch Size: auto (16 for sets under 20000 training images, else 32)" in log
+    assert "Batch size: 16 per process x 1 process = 16 (the default for 36 training images)" in log
+    assert load_checkpoint(result.run_dir / "checkpoints" / "last.pt")["train_config"]["batch_size"] == 16

@@ -203,6 +203,53 @@ def test_fine_head_off_below_threshold(finished_run):
     assert not Recognizer.load(result.model_path).backend.model.fine_active
 
 
+def test_augmentation_waits_for_accuracy_by_default(finished_run):
+    from captcha_ocr.checkpoint import load_checkpoint
+
+    result, _ = finished_run
+    assert grep("Augmentation: on, from validation accuracy 0.3000", result.log_file)
+    # Two epochs of a tiny model stay below 0.3, so augmentation never starts.
+    assert grep("Augmentation starts", result.log_file) == []
+    assert load_checkpoint(result.run_dir / "checkpoints" / "last.pt")["train_state"]["augmenting"] is False
+
+
+def test_augmentation_starts_after_the_epoch_that_reaches_the_threshold(generated_folder, tmp_path, monkeypatch):
+    from captcha_ocr.training import loop
+
+    augmented_in_epoch: list[int] = []
+    real_augment, real_train_epoch, real_validate = loop.augment, loop.Trainer._train_epoch, loop.Trainer._validate
+
+    def counting_augment(images, generator, background):
+        augmented_in_epoch[-1] += 1
+        return real_augment(images, generator, background)
+
+    def train_epoch(self, epoch):
+        augmented_in_epoch.append(0)
+        return real_train_epoch(self, epoch)
+
+    def validate_as_if_reading(self):
+        # Report the accuracy the threshold asks for, which a tiny model does not reach by itself.
+        return {**real_validate(self), "val_accuracy": 0.5}
+
+    monkeypatch.setattr(loop, "augment", counting_augment)
+    monkeypatch.setattr(loop.Trainer, "_train_epoch", train_epoch)
+    monkeypatch.setattr(loop.Trainer, "_validate", validate_as_if_reading)
+    result = train(_tiny_config(generated_folder, tmp_path, epochs=2), console=False, progress=False)
+    assert result.status == "completed", result.error
+    assert augmented_in_epoch[0] == 0 and augmented_in_epoch[1] > 0
+    started = grep("Augmentation starts", result.log_file)
+    assert started == [started[0]] and started[0].endswith("Augmentation starts: validation accuracy 0.5000 reached 0.3000")
+    # Logged after the first epoch's line, before the second's.
+    text = result.log_file.read_text(encoding="utf-8")
+    assert text.index("Epoch 1/2 - Train Loss") < text.index(started[0]) < text.index("Epoch 2/2 - Train Loss")
+
+
+def test_augmentation_from_the_first_step(generated_folder, tmp_path):
+    result = train(_tiny_config(generated_folder, tmp_path, epochs=1, augment_from=0.0), console=False, progress=False)
+    assert result.status == "completed", result.error
+    assert [line.split("] ", 2)[2] for line in grep("Augmentation:", result.log_file)] == ["Augmentation: on"]
+
+
 def test_presence_loss_logged_by_default(finished_run):
     result, _ = finished_run
     assert grep("Character-presence loss: weight 1.0, on the coarse head", result.log_file)

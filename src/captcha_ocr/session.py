@@ -17,14 +17,20 @@ import shlex
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from captcha_ocr.checkpoint import CheckpointError, load_checkpoint, save_atomic
-from captcha_ocr.config import ConfigError, TrainConfig
+from captcha_ocr.config import (
+    LARGE_SET_BATCH,
+    SMALL_SET_BATCH,
+    SMALL_SET_IMAGES,
+    ConfigError,
+    TrainConfig,
+)
 from captcha_ocr.data.images import Preprocessing
 from captcha_ocr.data.prepare import (
     DataError,
@@ -340,7 +346,10 @@ def _setup(
 
     if context.is_main:
         report.log_system_info(logger, system)
-        report.log_configuration(logger, config.to_dict())
+        shown = config.to_dict()
+        if not config.batch_size:
+            shown["batch_size"] = f"auto ({SMALL_SET_BATCH} for sets under {SMALL_SET_IMAGES} training images, else {LARGE_SET_BATCH})"
+        report.log_configuration(logger, shown)
         if run is not None:
             run.write("config.json", {"config": config.to_dict(), "command": argv or sys.argv, "resumed_from": payload is not None})
             run.write("environment.json", collect_environment(config.seed, {"device": str(device), "world_size": context.world_size, "backend": context.backend, "rank_devices": system["rank_devices"]}))
@@ -364,7 +373,10 @@ def _setup(
     # A resumed session rebuilds the saved architecture, which may predate the fine head.
     model_config = saved_model or _model_config(config, prepared.codec.num_classes)
     model = CRNN(model_config)
-    augment_enabled = config.augment == "on" or (config.augment == "auto" and len(prepared.train) < 20_000)
+    augment_enabled = config.augments(len(prepared.train))
+    # The trainer, and so every checkpoint, keeps the batch size chosen here, so a resumed run keeps it too.
+    chosen_batch = not config.batch_size
+    config = replace(config, batch_size=config.batch_size_for(len(prepared.train)))
     model_info = {
         "model_config": model_config.to_dict(),
         "alphabet": prepared.codec.alphabet,
@@ -391,8 +403,15 @@ def _setup(
         )
         processes = "process" if context.world_size == 1 else "processes"
         batch = f"{config.batch_size} per process x {context.world_size} {processes} = {config.batch_size * context.world_size}"
+        if chosen_batch:
+            batch += f" (the default for {len(prepared.train)} training images)"
         report.log_optimizer(logger, config.lr, config.weight_decay, config.lr_factor, config.lr_patience, config.warmup_steps, batch)
-        logger.info("Augmentation: %s", "on" if augment_enabled else "off")
+        if not augment_enabled:
+            logger.info("Augmentation: off")
+        elif config.augment_from <= 0:
+            logger.info("Augmentation: on")
+        else:
+            logger.info("Augmentation: on, from validation accuracy %.4f", config.augment_from)
         if config.ema_decay > 0:
             logger.info("Weight average: exponential moving average, decay %s per step (validation and saved models use it)", config.ema_decay)
         else:

@@ -168,6 +168,10 @@ def log_fine_head(logger: logging.Logger, coarse_steps: int, fine_steps: int, ac
     )
 
 
+def log_augmentation_starts(logger: logging.Logger, accuracy: float, threshold: float) -> None:
+    logger.info("Augmentation starts: validation accuracy %.4f reached %.4f", accuracy, threshold)
+
+
 def log_saved(logger: logging.Logger, what: str, path: str) -> None:
     logger.info("✅ %s saved to: %s", what, path)
 
