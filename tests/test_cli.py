@@ -128,6 +128,13 @@ def test_batch_size_follows_the_set_size_unless_given(setting, count, chosen):
     assert TrainConfig.build({"batch_size": setting}).batch_size_for(count) == chosen
 
 
+@pytest.mark.parametrize("name", ["augment_from", "fine_head_at"])
+def test_non_finite_fraction_reported_once(name):
+    with pytest.raises(ValueError) as raised:
+        TrainConfig.build({name: float("nan")})
+    assert str(raised.value).count(name) == 1
+
+
 def test_negative_batch_size_is_refused(tmp_path, capsys):
     code = main(["train", "--batch-size", "-1", "--output-dir", str(tmp_path)])
     assert code == 2

@@ -8,7 +8,7 @@ import pytest
 from captcha_ocr.charset import Codec
 from captcha_ocr.cli import main
 from captcha_ocr.data.images import is_image_file
-from captcha_ocr.predict import DEFAULT_VIEWS, Recognizer, combine_views, shifted_views
+from captcha_ocr.predict import DEFAULT_VIEWS, MAX_VIEWS, Recognizer, combine_views, shifted_views
 
 
 def test_views_shift_alternately_and_fill_white():
@@ -28,10 +28,14 @@ def test_views_wider_shift_than_image_is_white():
     assert (shifted_views(np.zeros((1, 2, 3), dtype=np.uint8), 2, shift=5)[1] == 255).all()
 
 
-@pytest.mark.parametrize("views", [0, -1, 1.5, True, "3"])
+@pytest.mark.parametrize("views", [0, -1, 1.5, True, "3", MAX_VIEWS + 1, 100_000])
 def test_invalid_view_counts_are_refused(views):
-    with pytest.raises(ValueError, match="views must be a whole number of at least 1"):
+    with pytest.raises(ValueError, match=f"views must be a whole number from 1 to {MAX_VIEWS}"):
         shifted_views(np.zeros((1, 2, 3), dtype=np.uint8), views)
+
+
+def test_numpy_integer_view_count_is_accepted():
+    assert shifted_views(np.zeros((1, 2, 3), dtype=np.uint8), np.int64(2)).shape == (2, 2, 3)
 
 
 def _three_views(first: list[float], second: list[float], third: list[float]) -> np.ndarray:
@@ -92,16 +96,17 @@ def test_views_read_a_batch_in_order(tiny_trained_model):
 
 
 def test_recognizer_refuses_zero_views(tiny_trained_model):
-    with pytest.raises(ValueError, match="views must be a whole number of at least 1, got 0"):
+    with pytest.raises(ValueError, match="views must be a whole number from 1 to 15, got 0"):
         Recognizer.load(tiny_trained_model.model, device="cpu", views=0)
 
 
 @pytest.mark.parametrize("command", ["predict", "evaluate"])
-def test_cli_refuses_zero_views(tiny_trained_model, command, capsys):
+@pytest.mark.parametrize("views", ["0", "16", "100000"])
+def test_cli_refuses_views_out_of_range(tiny_trained_model, command, views, capsys):
     with pytest.raises(SystemExit) as raised:
-        main([command, str(tiny_trained_model.model), str(tiny_trained_model.val_dir), "--views", "0"])
+        main([command, str(tiny_trained_model.model), str(tiny_trained_model.val_dir), "--views", views])
     assert raised.value.code == 2
-    assert "--views: must be at least 1, got 0" in capsys.readouterr().err
+    assert f"--views: must be from 1 to 15, got {views}" in capsys.readouterr().err
 
 
 def test_predict_prints_the_same_readings_as_the_recognizer(tiny_trained_model, capsys):

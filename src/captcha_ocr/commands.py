@@ -22,13 +22,15 @@ VIEWS_HELP = (
 
 
 def views_count(text: str) -> int:
-    """Parse --views: a whole number of at least 1."""
+    """Parse --views: a whole number from 1 to MAX_VIEWS."""
+    from captcha_ocr.predict import MAX_VIEWS
+
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_VIEWS}, got {text!r}") from None
+    if not 1 <= value <= MAX_VIEWS:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_VIEWS}, got {value}")
     return value
 
 

@@ -244,9 +244,9 @@ class TrainConfig:
             problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.lr_threshold < 1.0:
             problems.append(f"lr_threshold must be in [0, 1), got {self.lr_threshold}")
-        if not 0.0 <= self.fine_head_at <= 1.0:
+        if math.isfinite(self.fine_head_at) and not 0.0 <= self.fine_head_at <= 1.0:
             problems.append(f"fine_head_at must be in [0, 1], got {self.fine_head_at}")
-        if not 0.0 <= self.augment_from <= 1.0:
+        if math.isfinite(self.augment_from) and not 0.0 <= self.augment_from <= 1.0:
             problems.append(f"augment_from must be in [0, 1], got {self.augment_from}")
         for name in ("warmup_steps", "lr_patience", "early_stop_patience", "threads"):
             if getattr(self, name) < 0:

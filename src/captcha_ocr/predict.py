@@ -12,6 +12,7 @@ the text that all three views together find most probable wins.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ ImageInput = str | os.PathLike | bytes | Image.Image
 DEFAULT_VIEWS = 3
 # Pixels (of the model's input width) between one view and the next.
 VIEW_SHIFT = 3
+# More views would shift the image by more than 21 pixels, a ninth of the default
+# width, and each one adds a full forward pass.
+MAX_VIEWS = 15
 
 
 @dataclass(frozen=True)
@@ -43,9 +47,11 @@ def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
 
 
-def _check_views(views: Any) -> None:
-    if isinstance(views, bool) or not isinstance(views, int) or views < 1:
-        raise ValueError(f"views must be a whole number of at least 1, got {views!r}")
+def _check_views(views: Any) -> int:
+    """Return ``views`` as an int, or raise ValueError unless it is a whole number from 1 to MAX_VIEWS."""
+    if isinstance(views, bool) or not isinstance(views, numbers.Integral) or not 1 <= views <= MAX_VIEWS:
+        raise ValueError(f"views must be a whole number from 1 to {MAX_VIEWS}, got {views!r}")
+    return int(views)
 
 
 def shifted_views(pixels: np.ndarray, views: int, shift: int = VIEW_SHIFT) -> np.ndarray:
@@ -56,7 +62,7 @@ def shifted_views(pixels: np.ndarray, views: int, shift: int = VIEW_SHIFT) -> np
     the uncovered columns, as in the training augmentation. Image i of view v
     is row ``v * N + i``.
     """
-    _check_views(views)
+    views = _check_views(views)
     stacked = [pixels]
     width = pixels.shape[-1]
     for v in range(1, views):
@@ -157,10 +163,9 @@ class Recognizer:
     def __init__(
         self, backend: Any, codec: Codec, preprocessing: Preprocessing, metadata: dict[str, Any], views: int = DEFAULT_VIEWS
     ):
-        _check_views(views)
         self.backend = backend
         # Shifted copies of each image read together (see shifted_views); 1 reads the image alone.
-        self.views = views
+        self.views = _check_views(views)
         self.codec = codec
         self.preprocessing = preprocessing
         self.metadata = metadata
@@ -178,7 +183,7 @@ class Recognizer:
         ``views`` is the number of shifted copies of each image read together
         (see :func:`shifted_views`); 1 reads each image once, about twice as fast.
         """
-        _check_views(views)
+        views = _check_views(views)
         recognizer = cls._load(Path(path), device)
         recognizer.views = views
         if any_length:

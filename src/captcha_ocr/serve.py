@@ -585,8 +585,8 @@ def serve(
     app = create_app(recognizer, settings)
     settings = app.state.service.settings
     logger.info(
-        "Serving %s (%s, charset %r) on http://%s:%d; API docs at /docs",
-        model_path, recognizer.metadata.get("format"), recognizer.codec.alphabet, host, port,
+        "Serving %s (%s, charset %r, %d views per image) on http://%s:%d; API docs at /docs",
+        model_path, recognizer.metadata.get("format"), recognizer.codec.alphabet, recognizer.views, host, port,
     )
     logger.info(
         "Limits: %d bytes per request, %d pixels per image, %d images per batch request; batching %s",
