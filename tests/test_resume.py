@@ -113,6 +113,10 @@ def test_killed_run_resumes_where_it_stopped(images, tmp_path):
     (ignored,) = [m for level, m in proc.messages(log_file) if level == "WARNING"]
     assert ignored.startswith("Ignored on resume, the run keeps the values it was trained with: --batch-size (")
     assert lines[resumed_at:].count("Batch size: 8 per process x 1 process = 8") == 1
+    # The tiny model stays below 30% validation accuracy, so neither switch has happened.
+    assert lines[resumed_at:].count("Resumed output head: coarse") == 1
+    assert lines[resumed_at:].count("Resumed augmentation: not started yet") == 1
+    assert "Resumed output head: coarse" not in lines[:resumed_at]
 
     summary = proc.read_json(run_dir / "summary.json")
     assert summary["status"] == "completed"

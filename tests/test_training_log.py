@@ -333,3 +333,15 @@ def test_final_decay_takes_over_the_rate(generated_folder, tmp_path):
     reduced = grep("Learning rate reduced", result.log_file)
     assert len(reduced) == 2
     assert all(line.endswith("(final linear decay)") for line in reduced)
+
+
+def test_resumed_run_logs_switches_already_made(generated_folder, tmp_path):
+    config = _tiny_config(generated_folder, tmp_path, epochs=1, augment_from=0.0, fine_head_at=0.0)
+    first = train(config, console=False, progress=False)
+    assert first.status == "completed", first.error
+    resumed = train(config, resume=first.session_id, overrides={"epochs": 2}, console=False, progress=False)
+    assert resumed.status == "completed", resumed.error
+    assert [line.split("] ", 2)[2] for line in grep("Resumed ", resumed.log_file)] == [
+        "Resumed output head: fine",
+        "Resumed augmentation: started",
+    ]

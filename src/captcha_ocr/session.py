@@ -346,10 +346,10 @@ def _setup(
 
     if context.is_main:
         report.log_system_info(logger, system)
-        shown = config.to_dict()
+        logged_config = config.to_dict()
         if not config.batch_size:
-            shown["batch_size"] = f"auto ({SMALL_SET_BATCH} for sets under {SMALL_SET_IMAGES} training images, else {LARGE_SET_BATCH})"
-        report.log_configuration(logger, shown)
+            logged_config["batch_size"] = f"auto ({SMALL_SET_BATCH} for sets under {SMALL_SET_IMAGES} training images, else {LARGE_SET_BATCH})"
+        report.log_configuration(logger, logged_config)
         if run is not None:
             run.write("config.json", {"config": config.to_dict(), "command": argv or sys.argv, "resumed_from": payload is not None})
             run.write("environment.json", collect_environment(config.seed, {"device": str(device), "world_size": context.world_size, "backend": context.backend, "rank_devices": system["rank_devices"]}))
@@ -431,6 +431,11 @@ def _setup(
         trainer.last_checkpoint = paths.run_dir / "checkpoints" / "last.pt"
         if context.is_main:
             _restore_record(trainer, run, paths)
+            # The lines above describe a fresh start. These give the state that the resumed run continues from.
+            if trainer.model.has_fine_head:
+                logger.info("Resumed output head: %s", "fine" if trainer.model.fine_active else "coarse")
+            if augment_enabled:
+                logger.info("Resumed augmentation: %s", "started" if trainer.state.augmenting else "not started yet")
     if context.is_main:
         report.banner(logger, "STARTING TRAINING LOOP")
     return trainer, prepared
