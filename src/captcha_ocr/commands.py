@@ -16,8 +16,8 @@ ANY_LENGTH_HELP = (
     "the label lengths of its training set)"
 )
 VIEWS_HELP = (
-    "read each image this many times, shifted 3 pixels apart sideways, and keep the text the readings "
-    "together find most probable; 1 reads each image once, about twice as fast (default: 3)"
+    "read each image this many times (1 to 15), shifted 3 pixels apart sideways, and keep the text the "
+    "readings together find most probable; 1 reads each image once, 1.4 to 3 times as fast (default: 3)"
 )
 
 
