@@ -202,10 +202,12 @@ def read_held_out(run_dir: Path, samples: list[Sample], seed: int, val_count: in
     held_out = [samples[i] for i in val_index]
     truths = [s.label for s in held_out]
     device = None if args.device == "auto" else args.device
+    reader = Recognizer.load(run_dir / "checkpoints" / "last.pt", device=device)
+    pixels = np.stack([reader.pixels(s.path) for s in held_out])
     scores: dict[str, Any] = {"held_out_views": DEFAULT_VIEWS}
     for views, prefix in ((DEFAULT_VIEWS, "held_out"), (1, "held_out_one_view")):
-        reader = Recognizer.load(run_dir / "checkpoints" / "last.pt", device=device, views=views)
-        readings = [p.text for p in reader.predict_batch([s.path for s in held_out])]
+        reader.views = views
+        readings = [p.text for p in reader.predict_pixels(pixels)]
         scores[f"{prefix}_accuracy"] = sequence_accuracy(truths, readings)
         scores[f"{prefix}_cer"] = character_error_rate(truths, readings)
         scores[f"{prefix}_misread"] = [[t, r] for t, r in zip(truths, readings, strict=True) if t != r]

@@ -24,6 +24,8 @@ SMALL_SET_IMAGES = 20_000
 # validation accuracy at epochs 6 and 8, batches of 32 at epochs 13 and 11.
 SMALL_SET_BATCH = 16
 LARGE_SET_BATCH = 32
+# The rule that batch_size 0 follows, as the help and the training log state it.
+AUTO_BATCH_RULE = f"{SMALL_SET_BATCH} for sets under {SMALL_SET_IMAGES} training images, else {LARGE_SET_BATCH}"
 
 
 class ConfigError(ValueError):
@@ -73,8 +75,8 @@ class TrainConfig:
     epochs: int = _option(60, "maximum number of epochs")
     batch_size: int = _option(
         0,
-        f"images per optimizer step on each process; 0: {SMALL_SET_BATCH} for sets under {SMALL_SET_IMAGES} "
-        f"training images, which then get more steps per epoch, else {LARGE_SET_BATCH}",
+        f"images per optimizer step on each process; 0: {AUTO_BATCH_RULE}, so that small sets get more "
+        "steps per epoch",
     )
     lr: float = _option(3e-3, "peak learning rate of Adam")
     weight_decay: float = _option(1e-5, "Adam weight decay")

@@ -261,8 +261,6 @@ class Recognizer:
         inputs = to_model_input(shifted_views(pixels, self.views), self.preprocessing)
         log_probs = log_softmax(self.backend.logits(inputs).astype(np.float64), axis=2)  # (T, views * N, C)
         readings = self.codec.decode_log_probs(log_probs, self.label_lengths)
-        if self.views == 1:
-            return [Prediction(text, confidence) for text, confidence in readings]
         return combine_views(log_probs, readings, self.codec, self.views)
 
     def predict(self, image: ImageInput) -> Prediction:

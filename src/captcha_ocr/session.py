@@ -24,13 +24,7 @@ from typing import Any
 import torch
 
 from captcha_ocr.checkpoint import CheckpointError, load_checkpoint, save_atomic
-from captcha_ocr.config import (
-    LARGE_SET_BATCH,
-    SMALL_SET_BATCH,
-    SMALL_SET_IMAGES,
-    ConfigError,
-    TrainConfig,
-)
+from captcha_ocr.config import AUTO_BATCH_RULE, ConfigError, TrainConfig
 from captcha_ocr.data.images import Preprocessing
 from captcha_ocr.data.prepare import (
     DataError,
@@ -348,7 +342,7 @@ def _setup(
         report.log_system_info(logger, system)
         logged_config = config.to_dict()
         if not config.batch_size:
-            logged_config["batch_size"] = f"auto ({SMALL_SET_BATCH} for sets under {SMALL_SET_IMAGES} training images, else {LARGE_SET_BATCH})"
+            logged_config["batch_size"] = f"auto ({AUTO_BATCH_RULE})"
         report.log_configuration(logger, logged_config)
         if run is not None:
             run.write("config.json", {"config": config.to_dict(), "command": argv or sys.argv, "resumed_from": payload is not None})
