@@ -125,23 +125,26 @@ def test_length_search_matches_brute_force():
 
 
 @pytest.mark.parametrize("text", [[], [1], [1, 1], [1, 2], [2, 1, 2], [1, 1, 1]])
-def test_text_likelihood_sums_every_path_that_reads_the_text(text):
+def test_text_likelihood_sums_all_paths(text):
     rng = np.random.default_rng(len(text))
     steps, classes = 5, 3
     log_probs = np.log(rng.dirichlet(np.ones(classes), size=(steps, 2)))
     got = text_log_likelihood(log_probs, text)
     codec = Codec("ab")
-    wanted = "".join(codec.alphabet[i - 1] for i in text)
+    expected_text = "".join(codec.alphabet[i - 1] for i in text)
     for n in range(2):
         total = sum(
             np.exp(sum(log_probs[t, n, c] for t, c in enumerate(path)))
             for path in itertools.product(range(classes), repeat=steps)
-            if codec.decode_indices(path) == wanted
+            if codec.decode_indices(path) == expected_text
         )
-        assert got[n] == pytest.approx(np.log(total)) if total else got[n] < -1e29
+        if total:
+            assert got[n] == pytest.approx(np.log(total))
+        else:
+            assert got[n] < -1e29
 
 
-def test_text_likelihood_of_a_text_longer_than_the_steps_is_impossible():
+def test_text_likelihood_too_long_impossible():
     log_probs = np.log(np.full((2, 1, 3), 1 / 3))
     assert text_log_likelihood(log_probs, [1, 1])[0] < -1e29
     assert text_log_likelihood(log_probs[:0], [])[0] == 0.0

@@ -141,7 +141,7 @@ def test_negative_batch_size_is_refused(tmp_path, capsys):
     assert "batch_size must be a positive integer, or 0 to choose by the set's size; got -1" in capsys.readouterr().err
 
 
-def test_chosen_batch_size_is_logged_and_kept_in_checkpoints(tmp_path, generated_folder):
+def test_auto_batch_size_logged_and_saved(tmp_path, generated_folder):
     from captcha_ocr.checkpoint import load_checkpoint
 
     config = TrainConfig.build({
