@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -28,8 +28,13 @@ class ModelConfig:
     # 2 gives a coarse head and a fine head. 1 gives the coarse head alone,
     # the layout of models saved before the fine head existed.
     steps_per_column: int = FINE_STEPS_PER_COLUMN
+    # Networks of this architecture trained side by side and read together
+    # (see MemberSet). 1 is a single CRNN.
+    members: int = 1
 
     def __post_init__(self) -> None:
+        if self.members < 1:
+            raise ValueError(f"members must be at least 1, got {self.members}")
         if len(self.channels) != 5:
             raise ValueError(f"channels needs 5 values, got {list(self.channels)}")
         if self.height < HEIGHT_REDUCTION or self.height % HEIGHT_REDUCTION:
@@ -50,6 +55,7 @@ class ModelConfig:
         values["channels"] = tuple(values["channels"])
         # Models saved before the fine head existed have no such key.
         values.setdefault("steps_per_column", 1)
+        values.setdefault("members", 1)
         return cls(**values)
 
 
@@ -98,6 +104,8 @@ class CRNN(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        if config.members != 1:
+            raise ValueError(f"a CRNN is one network; build {config.members} members with build_model")
         self.config = config
         c1, c2, c3, c4, c5 = config.channels
         self.features = nn.Sequential(
@@ -160,6 +168,15 @@ class CRNN(nn.Module):
             self.fine_shortcut.bias.copy_(self.shortcut.bias.repeat(split))
             self.fine_head_active.fill_(True)
 
+    def fine_head_parameters(self) -> list[nn.Parameter]:
+        if not self.has_fine_head:
+            return []
+        return [*self.fine_classifier.parameters(), *self.fine_shortcut.parameters()]
+
+    def member_parameters(self) -> list[list[nn.Parameter]]:
+        """Return the parameters of each member network: here one list, for this network."""
+        return [list(self.parameters())]
+
     def heads(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return the coarse logits (T, N, C) and the fine logits (2T, N, C), or None without a fine head."""
         features = self.features(images)  # (N, C, H/16, W/16)
@@ -177,11 +194,12 @@ class CRNN(nn.Module):
         fine = fine.view(w, n, split, -1).permute(0, 2, 1, 3).reshape(w * split, n, -1)
         return coarse, fine
 
-    def forward(self, images: torch.Tensor, both_heads: bool = False):
+    def forward(self, images: torch.Tensor, both_heads: bool = False, member_batches: bool = False):
         """Return the output logits (T, N, C), or ``(coarse, fine)`` when ``both_heads`` is set.
 
         ``both_heads`` exists for the training loss: it passes through
         DistributedDataParallel, which a separate method would bypass.
+        ``member_batches`` changes nothing for a single network (see MemberSet).
         """
         coarse, fine = self.heads(images)
         if both_heads:
@@ -191,6 +209,58 @@ class CRNN(nn.Module):
         repeated = coarse.repeat_interleave(self.config.steps_per_column, dim=0)
         # torch.where keeps the choice inside the graph, so an exported model follows the buffer too.
         return torch.where(self.fine_head_active, fine, repeated)
+
+
+class MemberSet(nn.Module):
+    """Several CRNNs of one architecture, trained side by side and read together.
+
+    Grey images (N, 1, H, W) in; every member reads all of them, and the
+    logits come out member after member: (T, members * N, C), where row
+    ``m * N + i`` is member m's reading of image i. That is the layout of
+    shifted views (see ``captcha_ocr.predict.combine_views``), so the readings
+    are combined as views are: where the members disagree, the text with the
+    highest summed CTC log-likelihood wins.
+
+    Members start from different random weights. With ``member_batches`` the
+    input holds one batch per member, (members * N, 1, H, W), and member m
+    reads only the m-th, so each can see its own augmentation of the images.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        single = replace(config, members=1)
+        self.members = nn.ModuleList(CRNN(single) for _ in range(config.members))
+        self.has_fine_head = self.members[0].has_fine_head
+
+    @property
+    def fine_active(self) -> bool:
+        return self.members[0].fine_active
+
+    def activate_fine_head(self) -> None:
+        for member in self.members:
+            member.activate_fine_head()
+
+    def fine_head_parameters(self) -> list[nn.Parameter]:
+        return [parameter for member in self.members for parameter in member.fine_head_parameters()]
+
+    def member_parameters(self) -> list[list[nn.Parameter]]:
+        return [list(member.parameters()) for member in self.members]
+
+    def forward(self, images: torch.Tensor, both_heads: bool = False, member_batches: bool = False):
+        """Return the members' logits (T, members * N, C), or ``(coarse, fine)`` with ``both_heads``."""
+        inputs = images.chunk(len(self.members)) if member_batches else [images] * len(self.members)
+        outputs = [member(batch, both_heads) for member, batch in zip(self.members, inputs, strict=True)]
+        if not both_heads:
+            return torch.cat(outputs, dim=1)
+        coarse = torch.cat([output[0] for output in outputs], dim=1)
+        fine = None if outputs[0][1] is None else torch.cat([output[1] for output in outputs], dim=1)
+        return coarse, fine
+
+
+def build_model(config: ModelConfig) -> CRNN | MemberSet:
+    """Build one CRNN, or a MemberSet when ``config.members`` is more than 1."""
+    return CRNN(config) if config.members == 1 else MemberSet(config)
 
 
 def count_parameters(model: nn.Module) -> int:
