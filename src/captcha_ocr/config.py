@@ -115,6 +115,11 @@ class TrainConfig:
     rnn_hidden: int = _option(128, "hidden units per direction of the LSTM")
     rnn_layers: int = _option(2, "number of bidirectional LSTM layers")
     dropout: float = _option(0.2, "dropout before and between the LSTM layers")
+    members: int = _option(
+        1,
+        "networks trained side by side from different random weights and read together, their readings "
+        "combined as shifted views are; training and reading time grow with their number",
+    )
     fine_head_at: float = _option(
         0.3,
         "validation accuracy at which the output switches from the coarse head (width/16 steps) "
@@ -223,7 +228,7 @@ class TrainConfig:
                 problems.append(f"{name} contains an empty path")
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 0:
             problems.append(f"batch_size must be a positive integer, or 0 to choose by the set's size; got {self.batch_size!r}")
-        positive = ("height", "width", "epochs", "synthetic_epochs", "sample_count", "synthetic_count", "rnn_hidden", "rnn_layers", "max_pixels")
+        positive = ("height", "width", "epochs", "synthetic_epochs", "sample_count", "synthetic_count", "rnn_hidden", "rnn_layers", "max_pixels", "members")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

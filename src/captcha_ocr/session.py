@@ -35,9 +35,9 @@ from captcha_ocr.data.prepare import (
 )
 from captcha_ocr.data.sources import SourceError
 from captcha_ocr.model import (
-    CRNN,
     FINE_STEPS_PER_COLUMN,
     ModelConfig,
+    build_model,
     count_parameters,
     output_steps,
 )
@@ -198,7 +198,7 @@ def _set_threads(config: TrainConfig, context: DistributedContext) -> None:
 def _model_config(config: TrainConfig, num_classes: int) -> ModelConfig:
     return ModelConfig(
         num_classes=num_classes, height=config.height, width=config.width, channels=tuple(config.channels),
-        rnn_hidden=config.rnn_hidden, rnn_layers=config.rnn_layers, dropout=config.dropout,
+        rnn_hidden=config.rnn_hidden, rnn_layers=config.rnn_layers, dropout=config.dropout, members=config.members,
     )
 
 
@@ -366,7 +366,7 @@ def _setup(
 
     # A resumed session rebuilds the saved architecture, which may predate the fine head.
     model_config = saved_model or _model_config(config, prepared.codec.num_classes)
-    model = CRNN(model_config)
+    model = build_model(model_config)
     augment_enabled = config.augments(len(prepared.train))
     # The trainer, and so every checkpoint, keeps the batch size chosen here, so a resumed run keeps it too.
     chosen_batch = not config.batch_size

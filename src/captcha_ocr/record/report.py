@@ -112,6 +112,7 @@ def _format_model(model_config: Mapping[str, Any]) -> str:
         f"input 1x{model_config['height']}x{model_config['width']}, "
         f"channels {list(model_config['channels'])}, "
         f"LSTM {model_config['rnn_layers']}x{model_config['rnn_hidden']}"
+        + (f", {model_config['members']} members trained side by side" if model_config.get("members", 1) > 1 else "")
     )
 
 

@@ -31,6 +31,7 @@ from captcha_ocr.data.dataset import DecodedSet, augment, make_batch
 from captcha_ocr.data.images import Preprocessing
 from captcha_ocr.metrics import character_errors
 from captcha_ocr.model import coarse_output_steps, output_steps
+from captcha_ocr.predict import combine_views
 from captcha_ocr.record import report
 from captcha_ocr.training.distributed import (
     DistributedContext,
@@ -128,6 +129,32 @@ def training_loss(
     return total + 0.0 * fine.float().sum(), coarse_loss
 
 
+def members_training_loss(
+    coarse: torch.Tensor,
+    fine: torch.Tensor | None,
+    targets: torch.Tensor,
+    lengths: torch.Tensor,
+    members: int,
+    *,
+    presence_weight: float,
+    fine_active: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return :func:`training_loss` summed over the members and its reported loss averaged over them.
+
+    The logits hold the members one after another along the batch axis (see
+    ``captcha_ocr.model.MemberSet``). With the sum, each member gets the
+    gradients it would get if trained alone.
+    """
+    fines = fine.chunk(members, dim=1) if fine is not None else [None] * members
+    losses = [
+        training_loss(
+            member_coarse, member_fine, targets, lengths, presence_weight=presence_weight, fine_active=fine_active
+        )
+        for member_coarse, member_fine in zip(coarse.chunk(members, dim=1), fines, strict=True)
+    ]
+    return torch.stack([loss for loss, _ in losses]).sum(), torch.stack([loss for _, loss in losses]).mean()
+
+
 def precision_dtype(precision: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
@@ -191,6 +218,8 @@ class Trainer:
         self.nonfinite_streak = 0
         self.decay_started = False
         self.output_steps = output_steps(preprocessing.width, self.model.config.steps_per_column)
+        # Networks in the model: more than 1 for a MemberSet.
+        self.members = self.model.config.members
         self.coarse_steps = coarse_output_steps(preprocessing.width)
         # Labels the coarse head cannot emit need the fine head from the first step.
         self.coarse_too_short = any(
@@ -450,14 +479,17 @@ class Trainer:
             self.stop_if_interrupted()
             batch = make_batch(self.train_set, indices, self.codec, self.preprocessing)
             images = batch.images.to(self.device, non_blocking=True)
+            member_batches = False
             if self.augment_enabled and self.state.augmenting:
-                images = augment(images, augment_generator, self.background)
+                # Each member of a MemberSet reads its own augmentation of the batch.
+                images = torch.cat([augment(images, augment_generator, self.background) for _ in range(self.members)])
+                member_batches = self.members > 1
             self._apply_warmup()
             if self.decay_started:
                 step_progress = progress_start + progress_per_epoch * (batch_number - 1) / len(batches)
                 self._apply_final_decay(step_progress)
 
-            loss, reported_loss = self._loss(images, batch)
+            loss, reported_loss = self._loss(images, batch, member_batches)
             if not all_ranks_true(bool(torch.isfinite(loss).item()), self.context, self.device):
                 self._report_nonfinite("loss", epoch, batch_number)
                 continue
@@ -466,8 +498,9 @@ class Trainer:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
             max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-            if not self.scaler.is_enabled() and not torch.isfinite(norm):
+            # Each member is clipped on its own, as if it were trained alone.
+            norms = [torch.nn.utils.clip_grad_norm_(group, max_norm) for group in self.model.member_parameters()]
+            if not self.scaler.is_enabled() and not all(torch.isfinite(norm) for norm in norms):
                 self.optimizer.zero_grad(set_to_none=True)
                 self._report_nonfinite("gradient", epoch, batch_number)
                 continue
@@ -486,12 +519,15 @@ class Trainer:
         total_loss, total_seen = all_reduce_sum([loss_sum, float(seen)], self.context, self.device)
         return (total_loss / total_seen if total_seen else math.nan), int(total_seen)
 
-    def _loss(self, images: torch.Tensor, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the loss to minimise and the CTC loss of the output head (see :func:`training_loss`)."""
+    def _loss(self, images: torch.Tensor, batch: Any, member_batches: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the loss to minimise and the CTC loss of the output head (see :func:`training_loss`).
+
+        For a MemberSet, see :func:`members_training_loss`.
+        """
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            coarse, fine = self.network(images, both_heads=True)
-        return training_loss(
-            coarse, fine, batch.targets.to(self.device), batch.target_lengths,
+            coarse, fine = self.network(images, both_heads=True, member_batches=member_batches)
+        return members_training_loss(
+            coarse, fine, batch.targets.to(self.device), batch.target_lengths, self.members,
             presence_weight=self.config.presence_weight, fine_active=self.model.fine_active,
         )
 
@@ -513,7 +549,7 @@ class Trainer:
         # its Adam moments would make its first real steps several times the
         # learning rate. Fresh moments and a second warm-up keep the new loss
         # from undoing what the shared layers learnt.
-        for parameter in [*model.fine_classifier.parameters(), *model.fine_shortcut.parameters()]:
+        for parameter in model.fine_head_parameters():
             self.optimizer.state.pop(parameter, None)
         self.state.warmup_start = self.state.global_step
         return True
@@ -551,16 +587,23 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             coarse, fine = self.eval_model(images, both_heads=True)
         logits = fine if fine is not None and self.eval_model.fine_active else coarse
-        log_probs = logits.float().log_softmax(2)
-        steps, count = log_probs.shape[:2]
+        log_probs = logits.float().log_softmax(2)  # (T, members * N, C)
+        steps, rows = log_probs.shape[:2]
+        members = self.members
         losses = F.ctc_loss(
-            log_probs, batch.targets.to(self.device), torch.full((count,), steps, dtype=torch.long),
-            batch.target_lengths, blank=0, reduction="none", zero_infinity=False,
+            log_probs, batch.targets.to(self.device).repeat(members), torch.full((rows,), steps, dtype=torch.long),
+            batch.target_lengths.repeat(members), blank=0, reduction="none", zero_infinity=False,
         )
-        losses = losses.cpu() / batch.target_lengths.clamp(min=1)
-        best_paths = self.codec.decode_paths(log_probs.cpu().numpy(), self.model_info.get("label_lengths"))  # (T, N)
-        texts = [self.codec.decode_indices(best_paths[:, n]) for n in range(count)]
-        return texts, losses
+        # A MemberSet's loss for an image is the mean of its members' losses.
+        losses = (losses.cpu() / batch.target_lengths.repeat(members).clamp(min=1)).view(members, -1).mean(dim=0)
+        lengths = self.model_info.get("label_lengths")
+        if members == 1:
+            best_paths = self.codec.decode_paths(log_probs.cpu().numpy(), lengths)  # (T, N)
+            return [self.codec.decode_indices(best_paths[:, n]) for n in range(rows)], losses
+        # The members' readings are combined as Recognizer combines them.
+        member_log_probs = log_probs.double().cpu().numpy()
+        readings = self.codec.decode_log_probs(member_log_probs, lengths)
+        return [p.text for p in combine_views(member_log_probs, readings, self.codec, members)], losses
 
     def _validate(self) -> dict[str, float]:
         """Score every validation image once across all ranks."""
