@@ -368,6 +368,8 @@ def format_report(report_data: dict[str, Any]) -> list[str]:
     lines.append("Reading lengths: " + (f"{', '.join(map(str, lengths))} characters" if lengths else "any"))
     if model.get("views"):
         lines.append(f"Views per image: {model['views']}" + (" (the image as it is)" if model["views"] == 1 else ""))
+    if model.get("members", 1) > 1:
+        lines.append(f"Members: {model['members']} networks, each reading every view")
     if data.get("unknown_characters"):
         lines.append(f"Labels with characters the model cannot emit: {data['unknown_characters']!r}")
     if data.get("unread_lengths"):
@@ -462,6 +464,7 @@ def _model_part(recognizer: Any, model_path: Path) -> dict[str, Any]:
         "trained_ignore_case": bool(metadata.get("ignore_case", False)),
         "label_lengths": recognizer.label_lengths,
         "views": recognizer.views,
+        "members": recognizer.members,
     }
 
 

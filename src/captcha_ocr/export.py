@@ -38,7 +38,7 @@ from captcha_ocr.data.images import (
     load_image,
     to_model_input,
 )
-from captcha_ocr.model import CRNN, ModelConfig
+from captcha_ocr.model import CRNN, MemberSet, ModelConfig, build_model
 from captcha_ocr.predict import Recognizer, log_softmax
 
 logger = logging.getLogger(__name__)
@@ -112,13 +112,13 @@ class CheckImages:
     random_inputs: int
 
 
-def load_model(path: str | os.PathLike) -> tuple[CRNN, dict[str, Any]]:
-    """Rebuild the CRNN in eval mode on the CPU from a model file or training checkpoint."""
+def load_model(path: str | os.PathLike) -> tuple[CRNN | MemberSet, dict[str, Any]]:
+    """Rebuild the model (a CRNN or a MemberSet) in eval mode on the CPU from a model file or training checkpoint."""
     payload = load_checkpoint(path)
     for key in ("model_config", "model_state", "alphabet", "preprocessing"):
         if key not in payload:
             raise ExportError(f"{path}: the checkpoint lacks {key!r}; export a file written by 'captcha-ocr train'")
-    model = CRNN(ModelConfig.from_dict(payload["model_config"]))
+    model = build_model(ModelConfig.from_dict(payload["model_config"]))
     model.load_state_dict(payload["model_state"])
     return model.eval(), payload
 
@@ -145,7 +145,7 @@ def onnx_metadata(payload: dict[str, Any], source: Path, opset: int, exporter: s
     return {key: json.dumps(value, ensure_ascii=False, default=str) for key, value in values.items()}
 
 
-def _export_torchscript(model: CRNN, example: torch.Tensor, path: Path, opset: int) -> None:
+def _export_torchscript(model: CRNN | MemberSet, example: torch.Tensor, path: Path, opset: int) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.onnx.export(
@@ -160,7 +160,7 @@ def _export_torchscript(model: CRNN, example: torch.Tensor, path: Path, opset: i
         logger.debug("torch.onnx (TorchScript exporter): %s", warning.message)
 
 
-def _export_dynamo(model: CRNN, example: torch.Tensor, path: Path, opset: int) -> None:
+def _export_dynamo(model: CRNN | MemberSet, example: torch.Tensor, path: Path, opset: int) -> None:
     batch = torch.export.Dim("batch", min=1)
     program = torch.onnx.export(
         model, (example,), dynamo=True, opset_version=opset, external_data=False,
@@ -170,7 +170,7 @@ def _export_dynamo(model: CRNN, example: torch.Tensor, path: Path, opset: int) -
     program.save(str(path), external_data=False)
 
 
-def _write_graph(model: CRNN, path: Path, opset: int, exporter: str) -> str:
+def _write_graph(model: CRNN | MemberSet, path: Path, opset: int, exporter: str) -> str:
     """Export ``model`` to ``path``; returns the exporter that produced the file.
 
     ``auto`` uses the TorchScript exporter (``dynamo=False``) and falls back to the
@@ -211,7 +211,10 @@ def _store_metadata(path: Path, metadata: dict[str, str]) -> None:
 
     graph = onnx.load(str(path))
     onnx.helper.set_model_props(graph, metadata)
-    graph.doc_string = "captcha-ocr CRNN: images (N, 1, H, W) float32 -> logits (T, N, C), blank = class 0"
+    graph.doc_string = (
+        "captcha-ocr CRNN: images (N, 1, H, W) float32 -> logits (T, members * N, C), blank = class 0; "
+        "members (in the model_config metadata) are networks read one after another"
+    )
     onnx.checker.check_model(graph)
     onnx.save(graph, str(path))
 
@@ -334,7 +337,7 @@ def _batches(count: int) -> Iterator[slice]:
         yield slice(start, min(start + VERIFY_BATCH, count))
 
 
-def compare(model: CRNN, recognizer: Recognizer, images: CheckImages, tolerance: float = DEFAULT_TOLERANCE) -> VerifyReport:
+def compare(model: CRNN | MemberSet, recognizer: Recognizer, images: CheckImages, tolerance: float = DEFAULT_TOLERANCE) -> VerifyReport:
     """Run ``images`` through the PyTorch model and an ONNX recognizer and compare logits and texts."""
     preprocessing = recognizer.preprocessing
     codec: Codec = recognizer.codec
@@ -350,7 +353,9 @@ def compare(model: CRNN, recognizer: Recognizer, images: CheckImages, tolerance:
         batch_sizes.append(len(inputs))
         torch_texts = codec.decode_log_probs(log_softmax(expected.astype(np.float64), axis=2), recognizer.label_lengths)
         onnx_texts = codec.decode_log_probs(log_softmax(actual.astype(np.float64), axis=2), recognizer.label_lengths)
-        names = images.names[part]
+        members = model.config.members
+        # A MemberSet gives one row per member and image, member after member.
+        names = [f"{name} (member {m + 1})" if members > 1 else name for m in range(members) for name in images.names[part]]
         for name, (want, _), (got, _) in zip(names, torch_texts, onnx_texts, strict=True):
             if want != got:
                 mismatches.append(f"{name}: PyTorch {want!r}, ONNX {got!r}")

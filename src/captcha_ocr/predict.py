@@ -6,7 +6,9 @@ is imported only for ``.pth`` files.
 
 By default each image is read three times: as it is, and shifted a few pixels
 left and right (see :func:`shifted_views`). Where the three readings differ,
-the text that all three views together find most probable wins.
+the text that all three views together find most probable wins. A model of
+several members (``train --members``) reads every view with each member, and
+all those readings are combined in the same way.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ class _TorchBackend:
     def __init__(self, payload: dict[str, Any], device: str | None) -> None:
         import torch
 
-        from captcha_ocr.model import CRNN, ModelConfig
+        from captcha_ocr.model import ModelConfig, build_model
 
         self.torch = torch
         try:
@@ -115,7 +117,7 @@ class _TorchBackend:
             raise ValueError(f"invalid device {device!r}: use cpu, cuda or cuda:N") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r}: CUDA is not available on this machine; use cpu")
-        self.model = CRNN(ModelConfig.from_dict(payload["model_config"]))
+        self.model = build_model(ModelConfig.from_dict(payload["model_config"]))
         self.model.load_state_dict(payload["model_state"])
         self.model.to(self.device).eval()
 
@@ -157,6 +159,14 @@ def _label_lengths(value: Any, path: Any) -> list[int] | None:
     return sorted(set(value)) or None
 
 
+def _members(model_config: Any, path: Any) -> int:
+    """Return the member count a model file records; files without one hold a single network."""
+    value = model_config.get("members", 1) if isinstance(model_config, dict) else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{path}: invalid members {value!r} in the model file (expected a positive integer)")
+    return value
+
+
 class Recognizer:
     """A trained model ready to read images."""
 
@@ -171,6 +181,8 @@ class Recognizer:
         self.metadata = metadata
         # Readings keep to these label lengths, those of the training set. None reads any length.
         self.label_lengths: list[int] | None = _label_lengths(metadata.get("label_lengths"), metadata.get("path"))
+        # Networks in the model (see captcha_ocr.model.MemberSet); each reads every view.
+        self.members: int = _members(metadata.get("model_config"), metadata.get("path"))
 
     @classmethod
     def load(
@@ -259,9 +271,10 @@ class Recognizer:
     def predict_pixels(self, pixels: np.ndarray) -> list[Prediction]:
         """Read a batch of already decoded uint8 pixels of shape (N, H, W)."""
         inputs = to_model_input(shifted_views(pixels, self.views), self.preprocessing)
-        log_probs = log_softmax(self.backend.logits(inputs).astype(np.float64), axis=2)  # (T, views * N, C)
+        # (T, members * views * N, C): a MemberSet's members come one after another, each over all the views.
+        log_probs = log_softmax(self.backend.logits(inputs).astype(np.float64), axis=2)
         readings = self.codec.decode_log_probs(log_probs, self.label_lengths)
-        return combine_views(log_probs, readings, self.codec, self.views)
+        return combine_views(log_probs, readings, self.codec, self.members * self.views)
 
     def predict(self, image: ImageInput) -> Prediction:
         """Read one image given as a path, bytes or a PIL image."""

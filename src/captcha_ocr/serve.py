@@ -585,8 +585,9 @@ def serve(
     app = create_app(recognizer, settings)
     settings = app.state.service.settings
     logger.info(
-        "Serving %s (%s, charset %r, %d views per image) on http://%s:%d; API docs at /docs",
-        model_path, recognizer.metadata.get("format"), recognizer.codec.alphabet, recognizer.views, host, port,
+        "Serving %s (%s, charset %r, %d views per image, %d member%s) on http://%s:%d; API docs at /docs",
+        model_path, recognizer.metadata.get("format"), recognizer.codec.alphabet, recognizer.views,
+        recognizer.members, "s" if recognizer.members > 1 else "", host, port,
     )
     logger.info(
         "Limits: %d bytes per request, %d pixels per image, %d images per batch request; batching %s",
