@@ -222,8 +222,9 @@ def run_ours(data: SuiteData, seed: int, budget: str, args: argparse.Namespace, 
         "data": data.sources, "seed": seed, "val_split": VAL_SPLIT, "max_time": budget,
         "charset": data.charset, "device": args.device, "threads": args.threads, "output_dir": str(args.output_dir),
     }
-    if args.epochs is not None:
-        settings["epochs"] = args.epochs
+    for name in ("epochs", "members", "channels", "rnn_hidden"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
     config = TrainConfig.build(settings)
     result = train(config, console=args.verbose, progress=False)
     run = {"model": "ours", "seed": seed, "status": result.status, "run_dir": str(result.run_dir),
@@ -444,6 +445,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--budget", help="training time per run, such as 5m or 1h (default: 5m for captcha_images_v2, 60m for the generated suites)")
     parser.add_argument("--splits", type=int, help="runs with seeds seed, seed+1, ... (default: 5 for captcha_images_v2, else 1)")
     parser.add_argument("--epochs", type=int, help=f"epoch limit of our trainer (default: its own, {TrainConfig().epochs}); the budget ends a run sooner when it runs out first")
+    defaults = TrainConfig()
+    parser.add_argument("--members", type=int, help=f"networks per model of our trainer (default: its own, {defaults.members})")
+    parser.add_argument("--channels", type=int, nargs=5, metavar="C", help=f"convolution channels of our model (default: its own, {' '.join(map(str, defaults.channels))})")
+    parser.add_argument("--rnn-hidden", type=int, metavar="N", help=f"LSTM units per direction of our model (default: its own, {defaults.rnn_hidden})")
     parser.add_argument("--seed", type=int, default=42, help="first seed (default: 42)")
     parser.add_argument("--count", type=int, help="generated images for training and validation (default: 50000)")
     parser.add_argument("--test-count", type=int, help="generated test images (default: 5000)")
