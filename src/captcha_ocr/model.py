@@ -105,7 +105,7 @@ class CRNN(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         if config.members != 1:
-            raise ValueError(f"a CRNN is one network; build {config.members} members with build_model")
+            raise ValueError(f"CRNN expects members=1, got {config.members}. Use build_model for several members")
         self.config = config
         c1, c2, c3, c4, c5 = config.channels
         self.features = nn.Sequential(
@@ -174,7 +174,7 @@ class CRNN(nn.Module):
         return [*self.fine_classifier.parameters(), *self.fine_shortcut.parameters()]
 
     def member_parameters(self) -> list[list[nn.Parameter]]:
-        """Return the parameters of each member network: here one list, for this network."""
+        """Return the parameters of each member network. A single CRNN is one member."""
         return [list(self.parameters())]
 
     def heads(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -214,12 +214,12 @@ class CRNN(nn.Module):
 class MemberSet(nn.Module):
     """Several CRNNs of one architecture, trained side by side and read together.
 
-    Grey images (N, 1, H, W) in; every member reads all of them, and the
-    logits come out member after member: (T, members * N, C), where row
-    ``m * N + i`` is member m's reading of image i. That is the layout of
-    shifted views (see ``captcha_ocr.predict.combine_views``), so the readings
-    are combined as views are: where the members disagree, the text with the
-    highest summed CTC log-likelihood wins.
+    Every member reads all the grey images (N, 1, H, W). The logits come out
+    member after member, (T, members * N, C), so row ``m * N + i`` is member
+    m's reading of image i. Shifted views have the same layout (see
+    ``captcha_ocr.predict.combine_views``), so the readings are combined as
+    views are. Where the members disagree, the text with the highest summed
+    CTC log-likelihood wins.
 
     Members start from different random weights. With ``member_batches`` the
     input holds one batch per member, (members * N, 1, H, W), and member m

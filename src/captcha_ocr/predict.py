@@ -160,10 +160,10 @@ def _label_lengths(value: Any, path: Any) -> list[int] | None:
 
 
 def _members(model_config: Any, path: Any) -> int:
-    """Return the member count a model file records; files without one hold a single network."""
+    """Return the member count that a model file records. Files without one contain a single network."""
     value = model_config.get("members", 1) if isinstance(model_config, dict) else 1
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{path}: invalid members {value!r} in the model file (expected a positive integer)")
+        raise ValueError(f"{path}: invalid members {value!r} in the model file (expected a positive integer); export or train the model again")
     return value
 
 
@@ -181,7 +181,7 @@ class Recognizer:
         self.metadata = metadata
         # Readings keep to these label lengths, those of the training set. None reads any length.
         self.label_lengths: list[int] | None = _label_lengths(metadata.get("label_lengths"), metadata.get("path"))
-        # Networks in the model (see captcha_ocr.model.MemberSet); each reads every view.
+        # Networks in the model (see captcha_ocr.model.MemberSet). Each one reads every view.
         self.members: int = _members(metadata.get("model_config"), metadata.get("path"))
 
     @classmethod
@@ -271,7 +271,7 @@ class Recognizer:
     def predict_pixels(self, pixels: np.ndarray) -> list[Prediction]:
         """Read a batch of already decoded uint8 pixels of shape (N, H, W)."""
         inputs = to_model_input(shifted_views(pixels, self.views), self.preprocessing)
-        # (T, members * views * N, C): a MemberSet's members come one after another, each over all the views.
+        # Logits (T, members * views * N, C): the members of a MemberSet come one after another, each over all the views.
         log_probs = log_softmax(self.backend.logits(inputs).astype(np.float64), axis=2)
         readings = self.codec.decode_log_probs(log_probs, self.label_lengths)
         return combine_views(log_probs, readings, self.codec, self.members * self.views)
