@@ -90,9 +90,9 @@ def _poison_training_forward(
     original = CRNN.forward
     calls = 0
 
-    def forward(self, images, both_heads=False):
+    def forward(self, images, both_heads=False, member_batches=False):
         nonlocal calls
-        outputs = original(self, images, both_heads=both_heads)
+        outputs = original(self, images, both_heads=both_heads, member_batches=member_batches)
         if not self.training:
             return outputs
         # Training requests both heads, and the coarse head is the one it learns first.
