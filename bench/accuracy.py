@@ -411,9 +411,21 @@ def _fraction(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def shape_suffix(args: argparse.Namespace) -> str:
+    """Name our model's shape options in the result file's name, so that a run with them keeps the default's file."""
+    parts = []
+    if args.members is not None:
+        parts.append(f"members{args.members}")
+    if args.channels is not None:
+        parts.append("channels" + "-".join(map(str, args.channels)))
+    if args.rnn_hidden is not None:
+        parts.append(f"hidden{args.rnn_hidden}")
+    return "".join(f"_{part}" for part in parts)
+
+
 def run_suite(suite: Suite, model: str, data: SuiteData, args: argparse.Namespace) -> None:
     runner = run_ours if model == "ours" else run_tutorial
-    name = f"accuracy_{suite.name}_{model}"
+    name = f"accuracy_{suite.name}_{model}{shape_suffix(args) if model == 'ours' else ''}"
     runs: list[dict[str, Any]] = []
     for split in range(args.splits):
         seed = args.seed + split
