@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from captcha_ocr.charset import Codec, text_log_likelihood
+from captcha_ocr.config import MAX_MEMBERS
 from captcha_ocr.data.images import Preprocessing, load_image, to_model_input
 
 ImageInput = str | os.PathLike | bytes | Image.Image
@@ -162,8 +163,11 @@ def _label_lengths(value: Any, path: Any) -> list[int] | None:
 def _members(model_config: Any, path: Any) -> int:
     """Return the member count that a model file records. Files without one contain a single network."""
     value = model_config.get("members", 1) if isinstance(model_config, dict) else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{path}: invalid members {value!r} in the model file (expected a positive integer); export or train the model again")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_MEMBERS:
+        raise ValueError(
+            f"{path}: invalid members {value!r} in the model file (expected a whole number from 1 to {MAX_MEMBERS}); "
+            "export or train the model again"
+        )
     return value
 
 
@@ -272,7 +276,14 @@ class Recognizer:
         """Read a batch of already decoded uint8 pixels of shape (N, H, W)."""
         inputs = to_model_input(shifted_views(pixels, self.views), self.preprocessing)
         # Logits (T, members * views * N, C): the members of a MemberSet come one after another, each over all the views.
-        log_probs = log_softmax(self.backend.logits(inputs).astype(np.float64), axis=2)
+        logits = self.backend.logits(inputs)
+        if logits.ndim != 3 or logits.shape[1] != self.members * len(inputs):
+            raise ValueError(
+                f"{self.metadata.get('path')}: the model gave logits of shape {tuple(logits.shape)} for {len(inputs)} "
+                f"inputs, where its metadata records {self.members} member(s) (expected {self.members * len(inputs)} "
+                "rows on axis 1); export the model again"
+            )
+        log_probs = log_softmax(logits.astype(np.float64), axis=2)
         readings = self.codec.decode_log_probs(log_probs, self.label_lengths)
         return combine_views(log_probs, readings, self.codec, self.members * self.views)
 
