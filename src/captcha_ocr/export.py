@@ -39,7 +39,7 @@ from captcha_ocr.data.images import (
     to_model_input,
 )
 from captcha_ocr.model import CRNN, MemberSet, ModelConfig, build_model
-from captcha_ocr.predict import Recognizer, log_softmax
+from captcha_ocr.predict import Recognizer, combine_views, log_softmax
 
 logger = logging.getLogger(__name__)
 
@@ -337,6 +337,13 @@ def _batches(count: int) -> Iterator[slice]:
         yield slice(start, min(start + VERIFY_BATCH, count))
 
 
+def _readings(logits: np.ndarray, codec: Codec, recognizer: Recognizer, members: int) -> list[str]:
+    """Decode logits (T, members * N, C) into one text per image, combining the members."""
+    log_probs = log_softmax(logits.astype(np.float64), axis=2)
+    readings = codec.decode_log_probs(log_probs, recognizer.label_lengths)
+    return [prediction.text for prediction in combine_views(log_probs, readings, codec, members)]
+
+
 def compare(model: CRNN | MemberSet, recognizer: Recognizer, images: CheckImages, tolerance: float = DEFAULT_TOLERANCE) -> VerifyReport:
     """Run ``images`` through the PyTorch model and an ONNX recognizer and compare logits and texts."""
     preprocessing = recognizer.preprocessing
@@ -351,12 +358,11 @@ def compare(model: CRNN | MemberSet, recognizer: Recognizer, images: CheckImages
             raise VerificationError(f"ONNX logits have shape {actual.shape}, PyTorch gives {expected.shape}")
         max_diff = max(max_diff, float(np.abs(actual - expected).max()))
         batch_sizes.append(len(inputs))
-        torch_texts = codec.decode_log_probs(log_softmax(expected.astype(np.float64), axis=2), recognizer.label_lengths)
-        onnx_texts = codec.decode_log_probs(log_softmax(actual.astype(np.float64), axis=2), recognizer.label_lengths)
-        members = model.config.members
-        # A MemberSet gives one row per member and image, member after member.
-        names = [f"{name} (member {m + 1})" if members > 1 else name for m in range(members) for name in images.names[part]]
-        for name, (want, _), (got, _) in zip(names, torch_texts, onnx_texts, strict=True):
+        # The texts compared are those predict returns. A MemberSet's members are combined
+        # first, because one member's reading may flip between two near-equal texts.
+        torch_texts = _readings(expected, codec, recognizer, model.config.members)
+        onnx_texts = _readings(actual, codec, recognizer, model.config.members)
+        for name, want, got in zip(images.names[part], torch_texts, onnx_texts, strict=True):
             if want != got:
                 mismatches.append(f"{name}: PyTorch {want!r}, ONNX {got!r}")
     return VerifyReport(
