@@ -25,6 +25,9 @@ SMALL_SET_IMAGES = 20_000
 SMALL_SET_BATCH = 16
 LARGE_SET_BATCH = 32
 # The rule that batch_size 0 follows, as the help and the training log state it.
+# Networks one model may train side by side (--members). Each one adds a full
+# network to train and to read.
+MAX_MEMBERS = 8
 AUTO_BATCH_RULE = f"{SMALL_SET_BATCH} for sets under {SMALL_SET_IMAGES} training images, else {LARGE_SET_BATCH}"
 
 
@@ -233,6 +236,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.members, int) and self.members > MAX_MEMBERS:
+            problems.append(f"members must be at most {MAX_MEMBERS}, got {self.members}")
         if not 0.0 <= self.val_split < 1.0:
             problems.append(f"val_split must be in [0, 1), got {self.val_split}")
         if not self.val and self.val_split == 0.0:

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
+from captcha_ocr.config import MAX_MEMBERS
+
 # The CNN halves the height and the width four times each.
 HEIGHT_REDUCTION = 16
 WIDTH_REDUCTION = 16
@@ -33,8 +35,9 @@ class ModelConfig:
     members: int = 1
 
     def __post_init__(self) -> None:
-        if self.members < 1:
-            raise ValueError(f"members must be at least 1, got {self.members}")
+        members = self.members
+        if isinstance(members, bool) or not isinstance(members, int) or not 1 <= members <= MAX_MEMBERS:
+            raise ValueError(f"members must be a whole number from 1 to {MAX_MEMBERS}, got {members!r}")
         if len(self.channels) != 5:
             raise ValueError(f"channels needs 5 values, got {list(self.channels)}")
         if self.height < HEIGHT_REDUCTION or self.height % HEIGHT_REDUCTION:
