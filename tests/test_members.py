@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
-from captcha_ocr.checkpoint import load_checkpoint
-from captcha_ocr.config import TrainConfig
+from captcha_ocr import export
+from captcha_ocr.checkpoint import load_checkpoint, save_atomic
+from captcha_ocr.config import ConfigError, TrainConfig
 from captcha_ocr.data.generate import GenerateSettings, generate
 from captcha_ocr.data.images import is_image_file, to_model_input
 from captcha_ocr.data.sources import collect
@@ -37,7 +39,7 @@ def test_old_model_config_has_one_member():
 
 
 def test_zero_members_refused():
-    with pytest.raises(ValueError, match="members must be at least 1"):
+    with pytest.raises(ValueError, match="members must be a whole number from 1 to 8"):
         _config(0)
 
 
@@ -149,3 +151,40 @@ def test_onnx_export_reads_as_pytorch(two_member_model, tmp_path, generated_fold
 def test_member_set_is_not_a_crnn():
     assert not isinstance(build_model(_config(2)), CRNN)
     assert isinstance(build_model(_config(2)), MemberSet)
+
+
+def test_members_above_limit_refused():
+    with pytest.raises(ValueError, match="from 1 to 8"):
+        _config(9)
+
+
+def test_members_in_train_config_above_limit(generated_folder, tmp_path):
+    with pytest.raises(ConfigError, match="members must be at most 8"):
+        TrainConfig.build({"data": [str(generated_folder)], "output_dir": str(tmp_path), "members": 9})
+
+
+def test_invalid_members_in_model_file(two_member_model, tmp_path):
+    payload = load_checkpoint(two_member_model.model)
+    bad = save_atomic({**payload, "model_config": {**payload["model_config"], "members": "x"}}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="members must be a whole number from 1 to 8, got 'x'"):
+        Recognizer.load(bad)
+
+
+def test_onnx_members_metadata_must_fit_the_graph(two_member_model, tmp_path, generated_folder):
+    out = tmp_path / "members.onnx"
+    export_onnx(two_member_model.model, out)
+    graph = onnx.load(str(out))
+    metadata = {prop.key: prop.value for prop in graph.metadata_props}
+    model_config = {**json.loads(metadata["model_config"]), "members": 3}
+    onnx.helper.set_model_props(graph, {**metadata, "model_config": json.dumps(model_config)})
+    onnx.save(graph, str(out))
+    reader = Recognizer.load(out)
+    image = next(p for p in generated_folder.iterdir() if is_image_file(p))
+    with pytest.raises(ValueError, match="records 3 member"):
+        reader.predict(image)
+
+
+def test_export_check_reads_one_text_per_image(two_member_model):
+    reader = Recognizer.load(two_member_model.model, views=1)
+    logits = reader.backend.logits(np.zeros((3, 1, 32, 128), dtype=np.float32))
+    assert len(export._readings(logits, reader.codec, reader, 2)) == 3
