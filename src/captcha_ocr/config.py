@@ -121,7 +121,7 @@ class TrainConfig:
     members: int = _option(
         1,
         "networks trained side by side from different random weights and read together, their readings "
-        "combined as shifted views are; training and reading time grow with their number",
+        f"combined as shifted views are; training and reading time grow with their number (1 to {MAX_MEMBERS})",
     )
     fine_head_at: float = _option(
         0.3,
