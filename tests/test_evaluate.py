@@ -195,6 +195,7 @@ def test_other_seed_reports_other_files(trained, generated_folder, capsys):
     assert report["reference"]["same_files_as_validation"] is False
     assert "differ from its validation set" in out
     assert f"give DATA as it was given to train ({generated_folder.resolve()}" in out
+    assert "with --val-split 0.25 --seed 42)" in out
 
 
 @pytest.mark.slow

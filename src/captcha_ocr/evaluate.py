@@ -420,9 +420,10 @@ def _reference_lines(reference: dict[str, Any] | None) -> list[str]:
     if not match:
         sources = reference.get("sources") or []
         training_data = f" ({' '.join(sources)})" if sources else ""
+        split = reference.get("split_options") or "the same --val-split and --seed"
         return [
             f"Training run {reference['session_id']}: these files differ from its validation set "
-            f"(to compare, give DATA as it was given to train{training_data}, with the same --val-split and --seed)"
+            f"(to compare, give DATA as it was given to train{training_data}, with {split})"
         ]
     line = f"Training run {reference['session_id']}: same files as its validation set"
     if reference.get("val_accuracy") is not None:
@@ -441,10 +442,15 @@ def _reference(run_dir: Path | None, metadata: dict[str, Any], paths: Sequence[P
     val = described.get("val", {})
     recorded = val.get("file_list_sha256")
     metrics = metadata.get("metrics") or {}
+    trained = _read_run_file(run_dir, "config.json").get("config") or {}
+    split_options = None
+    if isinstance(trained, dict) and "val_split" in trained and "seed" in trained:
+        split_options = f"--val-split {trained['val_split']} --seed {trained['seed']}"
     return {
         "session_id": metadata.get("session_id"),
         "run_dir": str(run_dir),
         "sources": [str(source) for source in described.get("sources", [])],
+        "split_options": split_options,
         "same_files_as_validation": (file_list_hash(paths) == recorded) if recorded else None,
         "epoch": metrics.get("epoch", metadata.get("epoch")),
         "val_accuracy": metrics.get("val_accuracy"),
