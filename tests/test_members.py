@@ -146,6 +146,8 @@ def test_onnx_export_reads_as_pytorch(two_member_model, tmp_path, generated_fold
     from_torch = Recognizer.load(two_member_model.model, device="cpu").predict_batch(paths)
     from_onnx = Recognizer.load(out).predict_batch(paths)
     assert [p.text for p in from_onnx] == [p.text for p in from_torch]
+    output = onnx.load(str(out)).graph.output[0]
+    assert output.type.tensor_type.shape.dim[1].dim_param == "2_members_x_batch"
 
 
 def test_member_set_is_not_a_crnn():

@@ -146,13 +146,14 @@ def onnx_metadata(payload: dict[str, Any], source: Path, opset: int, exporter: s
 
 
 def _export_torchscript(model: CRNN | MemberSet, example: torch.Tensor, path: Path, opset: int) -> None:
+    # (N, 1, H, W) -> (T, members * N, C): the batch is axis 0 in and, times the members, axis 1 out.
+    rows = "batch" if model.config.members == 1 else f"{model.config.members}_members_x_batch"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.onnx.export(
             model, (example,), str(path), dynamo=False, opset_version=opset,
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            # (N, 1, H, W) -> (T, N, C): the batch is axis 0 in and axis 1 out.
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {1: "batch"}},
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {1: rows}},
         )
     # The tracer warns about its own deprecation and about Python booleans in the
     # recurrent layers' argument checks. The comparison after export decides instead.
