@@ -24,10 +24,10 @@ SMALL_SET_IMAGES = 20_000
 # validation accuracy at epochs 6 and 8, batches of 32 at epochs 13 and 11.
 SMALL_SET_BATCH = 16
 LARGE_SET_BATCH = 32
-# The rule that batch_size 0 follows, as the help and the training log state it.
 # Networks one model may train side by side (--members). Each one adds a full
 # network to train and to read.
 MAX_MEMBERS = 8
+# The rule that batch_size 0 follows, as the help and the training log state it.
 AUTO_BATCH_RULE = f"{SMALL_SET_BATCH} for sets under {SMALL_SET_IMAGES} training images, else {LARGE_SET_BATCH}"
 
 
