@@ -39,7 +39,7 @@ from captcha_ocr.data.images import (
     to_model_input,
 )
 from captcha_ocr.model import CRNN, MemberSet, ModelConfig, build_model
-from captcha_ocr.predict import Recognizer, combine_views, log_softmax
+from captcha_ocr.predict import Recognizer, read_logits
 
 logger = logging.getLogger(__name__)
 
@@ -340,9 +340,7 @@ def _batches(count: int) -> Iterator[slice]:
 
 def _readings(logits: np.ndarray, codec: Codec, recognizer: Recognizer, members: int) -> list[str]:
     """Decode logits (T, members * N, C) into one text per image, combining the members."""
-    log_probs = log_softmax(logits.astype(np.float64), axis=2)
-    readings = codec.decode_log_probs(log_probs, recognizer.label_lengths)
-    return [prediction.text for prediction in combine_views(log_probs, readings, codec, members)]
+    return [prediction.text for prediction in read_logits(logits, codec, recognizer.label_lengths, members)]
 
 
 def compare(model: CRNN | MemberSet, recognizer: Recognizer, images: CheckImages, tolerance: float = DEFAULT_TOLERANCE) -> VerifyReport:

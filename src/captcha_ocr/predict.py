@@ -105,6 +105,13 @@ def combine_views(log_probs: np.ndarray, readings: list[tuple[str, float]], code
     return predictions
 
 
+def read_logits(logits: np.ndarray, codec: Codec, lengths: list[int] | None, copies: int) -> list[Prediction]:
+    """Decode logits (T, copies * N, C) into one prediction per image, combining its copies as views."""
+    log_probs = log_softmax(logits.astype(np.float64), axis=2)
+    readings = codec.decode_log_probs(log_probs, lengths)
+    return combine_views(log_probs, readings, codec, copies)
+
+
 class _TorchBackend:
     def __init__(self, payload: dict[str, Any], device: str | None) -> None:
         import torch
@@ -283,9 +290,7 @@ class Recognizer:
                 f"inputs, where its metadata records {self.members} member(s) (expected {self.members * len(inputs)} "
                 "rows on axis 1); export the model again"
             )
-        log_probs = log_softmax(logits.astype(np.float64), axis=2)
-        readings = self.codec.decode_log_probs(log_probs, self.label_lengths)
-        return combine_views(log_probs, readings, self.codec, self.members * self.views)
+        return read_logits(logits, self.codec, self.label_lengths, self.members * self.views)
 
     def predict(self, image: ImageInput) -> Prediction:
         """Read one image given as a path, bytes or a PIL image."""
