@@ -225,7 +225,7 @@ class MemberSet(nn.Module):
     CTC log-likelihood wins.
 
     Members start from different random weights. With ``member_batches`` the
-    input holds one batch per member, (members * N, 1, H, W), and member m
+    input contains one batch per member, (members * N, 1, H, W), and member m
     reads only the m-th, so each can see its own augmentation of the images.
     """
 
